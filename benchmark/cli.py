@@ -1,0 +1,229 @@
+"""The `bench` command: the only module that uses argparse and rich.
+
+Exit status: 0 success, 2 a user error (one line on stderr, no traceback),
+1 an internal failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+from typing import Callable, Mapping, NoReturn, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import TrainingDiverged, UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+# ---------------------------------------------------------------------------
+# bench list
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ..datasets import DATASETS, PARTITIONERS
+    from ..methods import METHODS
+    from .config import list_presets
+
+    sections: list[tuple[str, Mapping[str, str]]] = [
+        ("methods", {n: METHODS.get(n).description() for n in METHODS}),
+        ("datasets", {n: DATASETS.get(n).description for n in DATASETS}),
+        ("presets", list_presets()),
+        ("partitions", {n: PARTITIONERS.get(n).description for n in PARTITIONERS}),
+    ]
+    for title, rows in sections:
+        table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column()
+        for name, text in rows.items():
+            table.add_row(name, text)
+        console.print(table)
+        console.print()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# bench run
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that resolves a run config."""
+    p.add_argument("--preset", help="preset name (`bench list`); default: the dataset's own")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (same layout as --dry-run prints)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set train.lr=0.05 (repeatable)")
+    p.add_argument("--seed", type=int, help="seed of partition, init, sampling and batches")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default ./data)")
+
+
+def _resolve(args: argparse.Namespace, method: str, dataset: str):
+    from .config import resolve_config
+
+    return resolve_config(method, dataset, preset=args.preset, config_file=args.config,
+                          overrides=args.overrides, seed=args.seed, device=args.device,
+                          data_root=args.data_root)
+
+
+class _RichProgress:
+    """Engine callback: a progress bar over rounds showing the latest accuracy."""
+
+    def __init__(self, total_rounds: int, label: str):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("round {task.fields[round_text]}"), TextColumn("acc {task.fields[acc]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.task = self.progress.add_task(label, total=total_rounds, acc="-", round_text="")
+        self.total_rounds = total_rounds
+
+    def on_start(self, sim) -> None:
+        self.progress.start()
+
+    def on_progress(self, round_index: int, done: int, total: int) -> None:
+        self.progress.update(self.task, round_text=f"{round_index} ({done}/{total} clients)")
+
+    def on_round(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        acc = metrics.get("test_acc_mean", math.nan)
+        fields = {"acc": f"{acc:.4f}"} if not math.isnan(acc) else {}
+        self.progress.update(self.task, completed=round_index, round_text=str(round_index), **fields)
+
+    def on_end(self, sim, result) -> None:
+        self.progress.stop()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _results_table(sim, result, run_id: str | None) -> Table:
+    table = Table(title=f"{sim.cfg.method.name} on {sim.cfg.dataset.name}, seed {sim.cfg.seed}",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    final = result.final.metrics()
+    for key in ("test_acc_mean", "test_acc_weighted", "val_acc_mean"):
+        if key in final:
+            table.add_row(key, f"{final[key]:.4f}")
+    last = result.history[-1]
+    table.add_row("train_loss (last round)", f"{last['train_loss']:.4f}")
+    table.add_row("bytes_up per round", f"{last['bytes_up']:,.0f}")
+    table.add_row("bytes_down per round", f"{last['bytes_down']:,.0f}")
+    table.add_row("parameters (personal)", f"{sim.num_parameters:,} ({sim.num_personal_parameters:,})")
+    table.add_row("rounds, wall time", f"{len(result.history)}, {result.seconds:.1f} s")
+    return table
+
+
+def _final_line(sim, result, run_id: str | None) -> str:
+    m = result.final.metrics()
+    return (f"{sim.cfg.method.name} {sim.cfg.dataset.name} seed={sim.cfg.seed} "
+            f"test_acc_mean={m['test_acc_mean']:.4f} test_acc_weighted={m['test_acc_weighted']:.4f} "
+            f"run_id={run_id}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import to_toml
+
+    cfg = _resolve(args, args.method, args.dataset)
+    if args.dry_run:
+        console.print(to_toml(cfg), markup=False, highlight=False, end="")
+        return 0
+    from .engine import Simulation
+    from .tracking import RunRecorder, ui_command
+
+    status = None if args.quiet else console.status("loading data and building the model")
+    if status:
+        status.start()
+    try:
+        sim = Simulation(cfg)
+    finally:
+        if status:
+            status.stop()
+    recorder = RunRecorder(args.tracking_uri, args.experiment)
+    callbacks: list = [recorder]
+    progress = None
+    if not args.quiet:
+        console.print(
+            f"[bold]{cfg.method.name}[/] on [bold]{cfg.dataset.name}[/]: {sim.data.num_clients} clients,"
+            f" {sim.num_parameters:,} parameters ({sim.num_personal_parameters:,} personal), device {sim.device}"
+        )
+        progress = _RichProgress(cfg.train.rounds, f"{cfg.method.name}/{cfg.dataset.name}")
+        callbacks.append(progress)
+    try:
+        with recorder:
+            result = sim.run(callbacks)
+    except TrainingDiverged as err:
+        raise UserError(f"{err}; MLflow run {recorder.run_id} marked FAILED") from None
+    finally:
+        if progress:
+            progress.stop()
+    if not args.quiet:
+        console.print(_results_table(sim, result, recorder.run_id))
+        console.print(f"MLflow run [bold]{recorder.run_id}[/] in experiment '{args.experiment}'")
+        console.print(f"view it: [bold]{ui_command(recorder.tracking_uri)}[/]", soft_wrap=True)
+    print(_final_line(sim, result, recorder.run_id))
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="train one federated experiment and record it in MLflow")
+    p.add_argument("--method", required=True, help="method name (`bench list`)")
+    p.add_argument("--dataset", required=True, help="dataset name (`bench list`)")
+    _add_config_arguments(p)
+    _add_tracking_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_run)
+
+
+def _add_tracking_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", default="pflbench", metavar="NAME", help="MLflow experiment (default pflbench)")
+
+
+# ---------------------------------------------------------------------------
+# entry point
+
+COMMANDS: list[Callable] = [_add_run]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bench", description="pflbench: personalized federated learning on Vision Transformers")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    p = sub.add_parser("list", help="list methods, datasets, presets and partition schemes")
+    p.set_defaults(func=cmd_list)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        return 130
+    except Exception:  # an internal failure: keep the traceback for the bug report
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Run configuration: a dataclass tree, TOML presets, and `key=value` overrides.
+
+A configuration is resolved in layers, each overriding the one before:
+dataclass defaults -> preset (`--preset`, or the dataset's default preset) ->
+`--config FILE.toml` -> `--set key=value` -> the dedicated CLI flags.
+Every key is checked against the dataclass fields and every value against the
+field's type, so a typo can never silently fall back to a default.
+
+The `method` and `dataset` sections are typed by the chosen method's and
+dataset's own `Options` dataclass, so `--set method.mid_dim=128` is checked
+against FedPerfix's options and refused for FedAvg. A preset may also hold
+per-method and per-dataset tables (`[methods.fedperfix]`, `[datasets.cifar100]`)
+that apply only when that method or dataset is the one being run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import UserError
+
+# ---------------------------------------------------------------------------
+# The dataclass tree
+
+
+@dataclass
+class MethodConfig:
+    """Options of a method; each method subclasses this with its own fields."""
+
+    name: str = "fedavg"  # registered method name (`bench list`)
+
+
+@dataclass
+class DatasetConfig:
+    """Options of a dataset; a dataset may subclass this with its own fields."""
+
+    name: str = "digits"  # registered dataset name (`bench list`)
+    root: str = "data"  # folder holding the dataset's files (--data-root)
+
+
+@dataclass
+class ModelConfig:
+    """The Vision Transformer trained by every client."""
+
+    name: str = "vit"  # "vit" = a ViT built from the fields below; or any timm ViT name
+    image_size: int = 0  # input size in pixels; 0 = the dataset's native size
+    patch_size: int = 4  # patch side in pixels
+    embed_dim: int = 96  # token width
+    depth: int = 4  # number of transformer blocks
+    num_heads: int = 4  # attention heads per block
+    mlp_ratio: float = 2.0  # MLP hidden width / embed_dim
+    pretrained: bool = False  # load timm's pretrained weights (needs internet)
+    pretrained_path: str = ""  # local checkpoint (weights only) to start from
+    compile: bool = False  # torch.compile the model (GPU runs)
+
+
+@dataclass
+class DataConfig:
+    """How the dataset is split over clients and fed to them."""
+
+    partition: str = "dirichlet"  # partition scheme (`bench list`)
+    alpha: float = 0.5  # Dirichlet concentration; smaller = more label skew
+    num_clients: int = 20  # number of clients
+    min_samples: int = 10  # every client gets at least this many samples
+    val_fraction: float = 0.15  # share of each client's samples held out for validation
+    test_fraction: float = 0.25  # share of each client's samples held out for testing
+    partition_seed: int = -1  # seed of the partition; -1 = the run's seed
+    partition_file: str = ""  # reuse a saved partition (JSON artifact) exactly
+    augment: bool = True  # random crop (and flip where the dataset allows) on the device
+
+
+@dataclass
+class TrainConfig:
+    """The federated schedule and the local optimizer."""
+
+    rounds: int = 20  # communication rounds
+    sample_fraction: float = 1.0  # share of clients sampled each round
+    local_epochs: int = 1  # local epochs per round
+    batch_size: int = 64  # local mini-batch size
+    lr: float = 0.01  # SGD learning rate
+    momentum: float = 0.0  # SGD momentum
+    weight_decay: float = 0.0  # SGD weight decay
+    max_grad_norm: float = 0.0  # clip each step's gradient norm; 0 = off
+    eval_every: int = 1  # evaluate every client every N rounds (and after the last)
+    eval_batch_size: int = 512  # batch size for evaluation
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's result."""
+
+    seed: int = 0  # fixes partition, init, client sampling and batches
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    method: MethodConfig = field(default_factory=MethodConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Keys that do not change the result: left out of the config hash.
+_UNHASHED = {"seed", "device", "dataset.root"}
+
+# ---------------------------------------------------------------------------
+# Presets
+
+
+def _preset_dir():
+    return resources.files("pflbench.benchmark") / "presets"
+
+
+def list_presets() -> dict[str, str]:
+    """Preset names mapped to their one-line descriptions."""
+    found = {}
+    for entry in _preset_dir().iterdir():
+        if entry.name.endswith(".toml"):
+            data = tomllib.loads(entry.read_text())
+            found[entry.name[: -len(".toml")]] = str(data.get("description", ""))
+    return dict(sorted(found.items()))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The TOML table of preset `name`; a UserError lists the valid ones."""
+    presets = list_presets()
+    if name not in presets:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+    return tomllib.loads((_preset_dir() / f"{name}.toml").read_text())
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A user's TOML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path} is not valid TOML: {err}") from None
+
+
+# ---------------------------------------------------------------------------
+# Typed assignment
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(key: str, value: Any, target: Any) -> Any:
+    """`value` converted to type `target`, or a UserError naming `key`."""
+
+    def bad(expected: str) -> UserError:
+        return UserError(f"bad value for {key}: {value!r} (expected {expected})")
+
+    origin = typing.get_origin(target)
+    if origin is list:
+        (item_type,) = typing.get_args(target)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        return [coerce(key, v, item_type) for v in value]
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad("true or false")
+    if target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise bad("an integer")
+    if target is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad("a number")
+    if target is str:
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    raise TypeError(f"unsupported config type {target!r} for {key}")
+
+
+def _assign(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set dotted `key` on the config tree, type-checked."""
+    parts = key.split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        types = _field_types(type(node))
+        if part not in types:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise UserError(
+                f"unknown config key {key!r}; allowed in {where}: {', '.join(types)}"
+            )
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(types[part]):
+                raise UserError(f"config key {key!r} is a section; set one of its fields")
+            setattr(node, part, coerce(key, value, types[part]))
+        else:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise UserError(f"unknown config key {key!r}: {'.'.join(parts[:depth + 1])} has no fields")
+
+
+def _flatten_table(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            items.extend(_flatten_table(value, dotted + "."))
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split a `--set key=value` argument."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"bad --set {text!r}: expected key=value, e.g. train.lr=0.05")
+    return key.strip(), value.strip()
+
+
+def _layer_items(table: Mapping[str, Any], method: str, dataset: str) -> list[tuple[str, Any]]:
+    """Settings of one TOML layer, with the per-method/-dataset tables resolved."""
+    table = dict(table)
+    table.pop("description", None)
+    items = []
+    for group, section in (("methods", "method"), ("datasets", "dataset")):
+        chosen = method if group == "methods" else dataset
+        per_name = table.pop(group, {})
+        if not isinstance(per_name, Mapping):
+            raise UserError(f"config table [{group}] must hold one table per {section} name")
+        if chosen in per_name:
+            items += [(f"{section}.{k}", v) for k, v in _flatten_table(per_name[chosen])]
+    return _flatten_table(table) + items
+
+
+def resolve_config(
+    method: str,
+    dataset: str,
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    seed: int | None = None,
+    device: str | None = None,
+    data_root: str | None = None,
+) -> RunConfig:
+    """The fully resolved, validated configuration of one run."""
+    # Imported here: the registries import this module for their base options.
+    from ..datasets import DATASETS
+    from ..methods import METHODS
+
+    method_cls = METHODS.get(method)
+    dataset_entry = DATASETS.get(dataset)
+    cfg = RunConfig(method=method_cls.Options(name=method), dataset=dataset_entry.Options(name=dataset))
+
+    layers: list[tuple[str, Any]] = []
+    preset_name = preset or dataset_entry.default_preset
+    if preset_name:
+        layers += _layer_items(load_preset(preset_name), method, dataset)
+    if config_file:
+        layers += _layer_items(load_config_file(config_file), method, dataset)
+    layers += [parse_override(o) for o in overrides]
+    for key, value in layers:
+        if key in ("method.name", "dataset.name"):
+            # A saved run config names them; it must agree with the command line.
+            chosen = method if key == "method.name" else dataset
+            if value != chosen:
+                raise UserError(f"{key} = {value!r} in the config, but --{key.split('.')[0]} {chosen}")
+            continue
+        _assign(cfg, key, value)
+    if seed is not None:
+        cfg.seed = seed
+    if device is not None:
+        _assign(cfg, "device", device)
+    if data_root is not None:
+        cfg.dataset.root = data_root
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise UserError(f"bad value for {key}: {value!r} ({allowed})")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that types alone cannot express; raises UserError naming the key."""
+    from ..datasets.partition import PARTITIONERS
+
+    dev = cfg.device
+    _require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", dev, "auto, cpu, cuda or cuda:N")
+    m, d, t = cfg.model, cfg.data, cfg.train
+    for key, value in (("model.patch_size", m.patch_size), ("model.embed_dim", m.embed_dim),
+                       ("model.depth", m.depth), ("model.num_heads", m.num_heads),
+                       ("data.num_clients", d.num_clients), ("train.rounds", t.rounds),
+                       ("train.local_epochs", t.local_epochs), ("train.batch_size", t.batch_size),
+                       ("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size)):
+        _require(value >= 1, key, value, "must be >= 1")
+    _require(m.image_size >= 0, "model.image_size", m.image_size, "0 = native, or a size in pixels")
+    _require(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
+             f"must be divisible by model.num_heads={m.num_heads}")
+    _require(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
+    _require(d.partition in PARTITIONERS, "data.partition", d.partition,
+             f"choose one of: {', '.join(PARTITIONERS.names())}")
+    _require(d.alpha > 0, "data.alpha", d.alpha, "must be > 0")
+    _require(d.min_samples >= 0, "data.min_samples", d.min_samples, "must be >= 0")
+    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
+    _require(d.val_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
+             "val_fraction + test_fraction must leave training samples")
+    _require(0 < t.sample_fraction <= 1, "train.sample_fraction", t.sample_fraction, "must be in (0, 1]")
+    _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = off)")
+    check = getattr(cfg.method, "validate", None)
+    if check is not None:
+        check()
+
+
+# ---------------------------------------------------------------------------
+# Views of a resolved config
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as a nested dict of plain values."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """The config as `{"train.lr": 0.01, ...}`: one dict, logged in one call."""
+    return dict(_flatten_table(to_dict(cfg)))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """A short hash of everything that changes the result, seed excluded.
+
+    Runs of the same configuration over several seeds share this hash, which
+    is how the leaderboard groups them into mean +- std.
+    """
+    relevant = {k: v for k, v in flatten(cfg).items() if k not in _UNHASHED}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML; `--config` reads it back to the same run."""
+    data = to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,310 @@
+"""The federated simulation: one round loop for every method.
+
+One model instance lives on the device. For each sampled client the engine
+copies the server's broadcast and that client's personal state into it (in
+place), lets the method train it, reads the shared part back as the client's
+update, and keeps the personal part aside. The method's server hooks then
+aggregate. Nothing is deep-copied per client, and data never leaves the
+device. Progress is reported through `Callback`s; this module does no I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..datasets import DATASETS, FederatedData, ImageSet, Partition, make_partition
+from ..methods import METHODS, ClientUpdate, Method, TrainStats
+from ..methods.aggregation import state_bytes
+from .config import RunConfig, TrainConfig
+from .errors import TrainingDiverged, UserError
+from .models import build_model
+
+METRIC_NAMES = (
+    "test_acc_mean", "test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds",
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+class Callback:
+    """Receives progress from a running simulation; every hook is optional."""
+
+    def on_start(self, sim: Simulation) -> None: ...
+
+    def on_progress(self, round_index: int, done: int, total: int) -> None:
+        """`done` of `total` sampled clients have trained in this round."""
+
+    def on_round(self, round_index: int, metrics: Mapping[str, float]) -> None: ...
+
+    def on_end(self, sim: Simulation, result: RunResult) -> None: ...
+
+
+@dataclass
+class EvalResult:
+    """Each client's accuracy with its own personalized model."""
+
+    test_correct: np.ndarray  # per client
+    test_count: np.ndarray
+    val_correct: np.ndarray
+    val_count: np.ndarray
+
+    @staticmethod
+    def _mean(correct: np.ndarray, count: np.ndarray) -> float:
+        has = count > 0
+        return float(np.mean(correct[has] / count[has])) if has.any() else math.nan
+
+    @property
+    def test_acc(self) -> np.ndarray:
+        return np.where(self.test_count > 0, self.test_correct / np.maximum(self.test_count, 1), np.nan)
+
+    @property
+    def val_acc(self) -> np.ndarray:
+        return np.where(self.val_count > 0, self.val_correct / np.maximum(self.val_count, 1), np.nan)
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "test_acc_mean": self._mean(self.test_correct, self.test_count),
+            "test_acc_weighted": float(self.test_correct.sum() / max(self.test_count.sum(), 1)),
+        }
+        if self.val_count.sum() > 0:
+            out["val_acc_mean"] = self._mean(self.val_correct, self.val_count)
+        return out
+
+
+@dataclass
+class RunResult:
+    """What a finished simulation reports."""
+
+    history: list[dict[str, float]]  # metrics of each round, in order (with "round")
+    final: EvalResult  # the last evaluation
+    seconds: float  # wall time of the round loop
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def derive_seeds(seed: int) -> dict[str, int]:
+    """Independent seeds for each random stream, all fixed by the run's seed."""
+    init, sampling, batches = np.random.SeedSequence(seed).generate_state(3)
+    return {"init": int(init), "sampling": int(sampling), "batches": int(batches)}
+
+
+class _ClientContext:
+    """The `LocalContext` given to `Method.local_update`: the one batch loop lives here."""
+
+    def __init__(self, sim: Simulation, client: int, round_index: int):
+        self.client = client
+        self.round_index = round_index
+        self.train: TrainConfig = sim.cfg.train
+        self.data = sim.data
+        self.device = sim.device
+        self.generator = sim.batch_generator(round_index, client)
+        self._autocast = sim.autocast
+
+    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: int, forward=None) -> TrainStats:
+        params = list(params)
+        cfg = self.train
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        loss_sum = torch.zeros((), device=self.device)
+        samples = 0
+        for x, y in self.data.train_batches(self.client, epochs, cfg.batch_size, self.generator):
+            with self._autocast():
+                logits = forward(model, x) if forward is not None else model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            samples += len(y)
+        model.zero_grad(set_to_none=True)  # grads of params outside `params` must not linger
+        return TrainStats(loss_sum, samples)
+
+
+class Simulation:
+    """One federated experiment: data, model, method and the round loop."""
+
+    def __init__(self, cfg: RunConfig, *, images: ImageSet | None = None, partition: Partition | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.seeds = derive_seeds(cfg.seed)
+        self.images = images if images is not None else DATASETS.get(cfg.dataset.name).load(cfg.dataset)
+        self.partition = partition if partition is not None else self._make_partition()
+        self.data = FederatedData(
+            self.images, self.partition, device=self.device, image_size=cfg.model.image_size,
+            augment=cfg.data.augment,
+        )
+        self.method: Method = METHODS.get(cfg.method.name)(cfg.method)
+
+        torch.manual_seed(self.seeds["init"])  # timm and the method's modules init from the global RNG
+        model = build_model(
+            cfg.model, image_size=self.data.image_size, in_chans=self.data.in_chans, num_classes=self.data.num_classes
+        )
+        self.model = self.method.adapt_model(model).to(self.device)
+        # Training and evaluation call this one; state is read and written on `model`.
+        self.forward_model = torch.compile(self.model) if cfg.model.compile else self.model
+
+        # Parameters and persistent buffers, by name, as the live tensors of the model.
+        self._entries: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
+        self.personal_names = [n for n in self._entries if self.method.is_personal(n, self.model)]
+        personal = set(self.personal_names)
+        self.shared_names = [n for n in self._entries if n not in personal]
+        self._initial_personal = {n: self._entries[n].detach().clone() for n in self.personal_names}
+        self._personal: dict[int, dict[str, torch.Tensor]] = {}
+        self.method.server_init(self.model, {n: self._entries[n] for n in self.shared_names}, self.data.num_clients)
+
+        self._sampler = np.random.default_rng(self.seeds["sampling"])
+        self.round_index = 0
+        self.history: list[dict[str, float]] = []
+        self.last_eval: EvalResult | None = None
+
+    # -- set-up helpers ----------------------------------------------------------
+    def _make_partition(self) -> Partition:
+        cfg = self.cfg
+        if cfg.data.partition_file:
+            return Partition.load(cfg.data.partition_file, len(self.images.labels))
+        seed = cfg.data.partition_seed if cfg.data.partition_seed >= 0 else cfg.seed
+        return make_partition(self.images.labels, cfg.data, seed, self.images.domains)
+
+    def autocast(self):
+        """bf16 autocast on CUDA; a no-op on the CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batch_generator(self, round_index: int, client: int) -> torch.Generator:
+        """The generator behind a client's batches in a round: independent of the visiting order."""
+        seed = np.random.SeedSequence([self.seeds["batches"], round_index, client]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def num_personal_parameters(self) -> int:
+        return sum(self._entries[n].numel() for n in self.personal_names)
+
+    # -- state swapping ------------------------------------------------------------
+    @torch.no_grad()
+    def load_client(self, client: int) -> Mapping[str, torch.Tensor]:
+        """Copy the server's broadcast and the client's personal state into the model."""
+        sent = self.method.broadcast(client)
+        for name, value in sent.items():
+            self._entries[name].copy_(value)
+        for name, value in self._personal.get(client, self._initial_personal).items():
+            self._entries[name].copy_(value)
+        return sent
+
+    def personal_state(self, client: int) -> dict[str, torch.Tensor]:
+        """The personal entries the client keeps (the initial ones until it first trains)."""
+        return self._personal.get(client, self._initial_personal)
+
+    @torch.no_grad()
+    def _keep_personal(self, client: int) -> None:
+        stored = self._personal.get(client)
+        if stored is None:
+            self._personal[client] = {n: self._entries[n].detach().clone() for n in self.personal_names}
+        else:
+            for name in self.personal_names:
+                stored[name].copy_(self._entries[name])
+
+    # -- the round loop ----------------------------------------------------------
+    def sample_clients(self) -> list[int]:
+        k = self.data.num_clients
+        m = max(1, int(round(self.cfg.train.sample_fraction * k)))
+        return sorted(int(c) for c in self._sampler.choice(k, size=m, replace=False))
+
+    def run_round(self, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+        """Train the sampled clients, aggregate, and evaluate when due; returns the round's metrics."""
+        start = time.perf_counter()
+        self.round_index += 1
+        r = self.round_index
+        selected = self.sample_clients()
+        updates: list[ClientUpdate] = []
+        loss_sum, loss_samples, bytes_up, bytes_down = 0.0, 0, 0, 0
+        for done, client in enumerate(selected, 1):
+            sent = self.load_client(client)
+            bytes_down += state_bytes(sent)
+            self.model.train()
+            stats = self.method.local_update(self.forward_model, _ClientContext(self, client, r))
+            client_loss = float(stats.loss_sum)  # one sync per client
+            if not math.isfinite(client_loss):
+                raise TrainingDiverged(r, client, client_loss)
+            loss_sum += client_loss
+            loss_samples += stats.samples
+            with torch.no_grad():
+                params = {n: self._entries[n].detach().clone() for n in sent}
+            bytes_up += state_bytes(params)
+            self._keep_personal(client)
+            updates.append(ClientUpdate(client, self.data.num_samples(client), sent, params))
+            for cb in callbacks:
+                cb.on_progress(r, done, len(selected))
+        self.method.aggregate(updates)
+        metrics: dict[str, float] = {
+            "train_loss": loss_sum / max(loss_samples, 1),
+            "bytes_up": float(bytes_up),
+            "bytes_down": float(bytes_down),
+            "clients": float(len(selected)),
+        }
+        if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
+            self.last_eval = self.evaluate()
+            metrics.update(self.last_eval.metrics())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics["round_seconds"] = time.perf_counter() - start
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, clients: Iterable[int] | None = None) -> EvalResult:
+        """Every client's val and test accuracy with its own personalized model."""
+        k = self.data.num_clients
+        counts = {s: np.zeros(k, dtype=np.int64) for s in ("test_correct", "test_count", "val_correct", "val_count")}
+        self.model.eval()
+        bs = self.cfg.train.eval_batch_size
+        for client in range(k) if clients is None else clients:
+            self.load_client(client)
+            with self.autocast():
+                for split in ("test", "val"):
+                    correct, total = self.method.evaluate(
+                        self.forward_model, self.data.eval_batches(client, split, bs)
+                    )
+                    counts[f"{split}_correct"][client] = correct
+                    counts[f"{split}_count"][client] = total
+        return EvalResult(**counts)
+
+    def run(self, callbacks: Sequence[Callback] = ()) -> RunResult:
+        """All remaining rounds; the last one is always evaluated."""
+        start = time.perf_counter()
+        for cb in callbacks:
+            cb.on_start(self)
+        while self.round_index < self.cfg.train.rounds:
+            metrics = self.run_round(callbacks)
+            metrics = {"round": float(self.round_index), **metrics}
+            self.history.append(metrics)
+            for cb in callbacks:
+                cb.on_round(self.round_index, metrics)
+        if self.last_eval is None:
+            self.last_eval = self.evaluate()
+        result = RunResult(self.history, self.last_eval, time.perf_counter() - start)
+        for cb in callbacks:
+            cb.on_end(self, result)
+        return result

@@ -1,0 +1,22 @@
+"""Exceptions that separate a user's mistake from a bug in pflbench."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad name, bad config value, missing data).
+
+    The CLI prints its message as one line on stderr and exits with status 2,
+    without a traceback.
+    """
+
+
+class TrainingDiverged(Exception):
+    """Training produced a non-finite loss; the run is stopped and marked failed."""
+
+    def __init__(self, round_index: int, client: int, loss: float):
+        super().__init__(
+            f"training diverged: non-finite loss ({loss}) at round {round_index}, client {client};"
+            " try a lower train.lr"
+        )
+        self.round_index = round_index
+        self.client = client
+        self.loss = loss

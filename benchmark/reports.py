@@ -1,0 +1,63 @@
+"""Run reports as text and pictures: CSV tables and the learning curve (no tracking here)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..datasets import Partition
+
+
+def partition_summary_csv(partition: Partition, labels: np.ndarray, class_names: Sequence[str]) -> str:
+    """One row per client: split sizes, then its sample count per class."""
+    counts = partition.class_counts(labels, len(class_names))
+    out = io.StringIO()
+    out.write(",".join(["client", "train", "val", "test", *(f"class:{c}" for c in class_names)]) + "\n")
+    for c in range(partition.num_clients):
+        sizes = [len(partition.train[c]), len(partition.val[c]), len(partition.test[c])]
+        out.write(",".join(str(v) for v in [c, *sizes, *counts[c]]) + "\n")
+    return out.getvalue()
+
+
+def client_accuracy_csv(test_acc, test_count, val_acc, val_count) -> str:
+    """One row per client: its personalized test and val accuracy and sample counts."""
+    out = io.StringIO()
+    out.write("client,test_acc,test_samples,val_acc,val_samples\n")
+
+    def fmt(v: float) -> str:
+        return "" if math.isnan(v) else f"{v:.6f}"
+
+    for c in range(len(test_acc)):
+        out.write(f"{c},{fmt(test_acc[c])},{test_count[c]},{fmt(val_acc[c])},{val_count[c]}\n")
+    return out.getvalue()
+
+
+def learning_curve_png(history: Sequence[dict[str, float]], path: str | Path, title: str) -> Path:
+    """Accuracy and train loss over rounds, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("test_acc_mean", "test (client mean)"), ("test_acc_weighted", "test (weighted)"),
+                       ("val_acc_mean", "val (client mean)")):
+        pts = [(h["round"], h[key]) for h in history if key in h]
+        if pts:
+            acc_ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+    acc_ax.set(xlabel="round", ylabel="personalized accuracy", ylim=(0, 1))
+    acc_ax.legend(loc="lower right")
+    acc_ax.grid(alpha=0.3)
+    loss_ax.plot([h["round"] for h in history], [h["train_loss"] for h in history], color="tab:red")
+    loss_ax.set(xlabel="round", ylabel="train loss")
+    loss_ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

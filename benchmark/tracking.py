@@ -1,0 +1,196 @@
+"""MLflow records of every run: the only module that imports mlflow.
+
+`RunRecorder` is an engine `Callback`: it opens one MLflow run when the
+simulation starts (params = the flattened resolved config, the pflbench.*
+tags, the config and partition as artifacts), logs metrics each round
+(step = round), adds the per-client accuracies and the learning curve at the
+end, and, used as a context manager, ends the run FINISHED, FAILED (an
+exception) or KILLED (Ctrl-C) so no run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from .config import config_hash, flatten, to_toml
+from .engine import METRIC_NAMES, Callback, RunResult, Simulation
+from .reports import client_accuracy_csv, learning_curve_png, partition_summary_csv
+
+# MLflow and alembic announce schema migrations at INFO on a new store: noise for a CLI user.
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+DEFAULT_EXPERIMENT = "pflbench"
+TAG_PREFIX = "pflbench."
+
+
+def default_tracking_uri() -> str:
+    """`--tracking-uri`'s default: MLFLOW_TRACKING_URI, else `<cwd>/mlflow.db`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that shows a store's runs in a browser."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+@functools.lru_cache(maxsize=1)
+def pflbench_version() -> str:
+    try:
+        return metadata.version("pflbench")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The source checkout's commit, `+dirty` when it has uncommitted changes; "unknown" outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Next to the database, not wherever the process happens to run.
+        db = Path(tracking_uri[len("sqlite:///"):])
+        artifact_location = (db.parent / "mlruns").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+class RunRecorder(Callback):
+    """Records one simulation as one MLflow run."""
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        *,
+        stage: str = "run",
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        extra_tags: Mapping[str, str] | None = None,
+    ):
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.experiment = experiment
+        self.stage = stage
+        self.run_name = run_name
+        self.parent_run_id = parent_run_id
+        self.extra_tags = dict(extra_tags or {})
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.run_id: str | None = None
+
+    # -- Callback hooks ------------------------------------------------------------
+    def on_start(self, sim: Simulation) -> None:
+        cfg = sim.cfg
+        tags = {
+            "method": cfg.method.name,
+            "dataset": cfg.dataset.name,
+            "seed": str(cfg.seed),
+            "config_hash": config_hash(cfg),
+            "partition_hash": sim.partition.digest(),
+            "version": pflbench_version(),
+            "git_commit": git_commit(),
+            "stage": self.stage,
+            "device": str(sim.device),
+            "parameters": str(sim.num_parameters),
+            "personal_parameters": str(sim.num_personal_parameters),
+        }
+        all_tags = {TAG_PREFIX + k: v for k, v in tags.items()} | self.extra_tags
+        if self.parent_run_id:
+            all_tags["mlflow.parentRunId"] = self.parent_run_id
+        exp_id = _experiment_id(self.client, self.experiment, self.tracking_uri)
+        name = self.run_name or f"{cfg.method.name}-{cfg.dataset.name}-s{cfg.seed}"
+        run = self.client.create_run(exp_id, run_name=name, tags=all_tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        self.client.log_text(self.run_id, to_toml(cfg), "config.toml")
+        self.client.log_text(self.run_id, sim.partition.to_json(), "partition.json")
+        self.client.log_text(
+            self.run_id,
+            partition_summary_csv(sim.partition, sim.images.labels, sim.images.class_names),
+            "partition_summary.csv",
+        )
+
+    def on_round(self, round_index: int, metrics: Mapping[str, float]) -> None:
+        self.log_metrics(metrics, step=round_index)
+
+    def on_end(self, sim: Simulation, result: RunResult) -> None:
+        final = result.final
+        self.client.log_text(
+            self.run_id,
+            client_accuracy_csv(final.test_acc, final.test_count, final.val_acc, final.val_count),
+            "client_accuracy.csv",
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            title = f"{sim.cfg.method.name} on {sim.cfg.dataset.name} (seed {sim.cfg.seed})"
+            png = learning_curve_png(result.history, Path(tmp) / "learning_curve.png", title)
+            self.client.log_artifact(self.run_id, str(png))
+
+    # -- direct logging ------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log finite metrics at `step` (NaN means "not measured this round")."""
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if k != "round" and math.isfinite(float(v))]
+        if batch and self.run_id:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.run_id:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> RunRecorder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.run_id is None:
+            return
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+            self.set_tags({TAG_PREFIX + "error": f"{exc_type.__name__}: {exc}"[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def search_runs(tracking_uri: str | None = None, experiments: list[str] | None = None,
+                filter_string: str = "") -> Any:
+    """Runs as a pandas DataFrame (all experiments unless named)."""
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    if experiments:
+        return mlflow.search_runs(experiment_names=experiments, filter_string=filter_string)
+    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string)
+
+
+__all__ = ["METRIC_NAMES", "RunRecorder", "default_tracking_uri", "search_runs", "ui_command"]

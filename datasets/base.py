@@ -1,0 +1,170 @@
+"""Datasets as device-resident tensors, split over clients by index.
+
+A dataset loader returns an `ImageSet`: every image as one uint8 array plus
+labels (and, where they exist, domains and the official test split).
+`FederatedData` moves the images to the run's device once and hands each
+client its train / val / test samples as index tensors; batches are drawn by
+index with a seeded generator, and normalization, resizing and light
+augmentation run batched on the device. No per-sample Python, no DataLoader
+workers in the hot loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..benchmark.config import DatasetConfig
+from ..benchmark.registry import Registry
+from .partition import Partition
+
+
+@dataclass
+class ImageSet:
+    """A whole dataset in host memory, before it is split over clients."""
+
+    images: np.ndarray  # uint8, (N, H, W, C)
+    labels: np.ndarray  # int64, (N,)
+    class_names: list[str]  # index -> class name
+    domains: np.ndarray | None = None  # int64 (N,): the domain of each sample, if any
+    domain_names: list[str] = field(default_factory=list)  # index -> domain name
+    official_test: np.ndarray | None = None  # bool (N,): in the official test split
+    hflip: bool = True  # a horizontal flip keeps the label (false for digits, text)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
+        if len(self.labels) != len(self.images):
+            raise ValueError("images and labels differ in length")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: how to load it and how to describe it."""
+
+    name: str  # registry key
+    description: str  # one line for `bench list`
+    load: Callable[[DatasetConfig], ImageSet]  # reads (or downloads) the files
+    Options: type[DatasetConfig] = DatasetConfig  # the `dataset.*` config section
+    default_preset: str | None = None  # preset used when --preset is not given
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
+
+
+def register_dataset(
+    name: str,
+    description: str,
+    *,
+    options: type[DatasetConfig] = DatasetConfig,
+    default_preset: str | None = None,
+) -> Callable[[Callable[[DatasetConfig], ImageSet]], Callable[[DatasetConfig], ImageSet]]:
+    """Register a loader function under `name`."""
+
+    def wrap(load: Callable[[DatasetConfig], ImageSet]) -> Callable[[DatasetConfig], ImageSet]:
+        DATASETS.add(name, DatasetEntry(name, description, load, options, default_preset))
+        return load
+
+    return wrap
+
+
+class FederatedData:
+    """All images on one device, and every client's train / val / test indices."""
+
+    def __init__(
+        self,
+        images: ImageSet,
+        partition: Partition,
+        *,
+        device: torch.device | str = "cpu",
+        image_size: int = 0,
+        augment: bool = True,
+    ):
+        self.device = torch.device(device)
+        self.partition = partition
+        self.class_names = images.class_names
+        self.num_classes = images.num_classes
+        self.native_size = images.images.shape[1]
+        self.image_size = image_size or self.native_size  # what the model sees
+        self.in_chans = images.images.shape[3]
+        self.hflip = images.hflip
+        self.augment = augment
+        host = torch.from_numpy(np.ascontiguousarray(images.images))
+        # Normalization constants from the whole set: a fixed preprocessing choice.
+        as_float = host.float().div_(255)
+        self.mean = as_float.mean(dim=(0, 1, 2)).to(self.device).view(1, -1, 1, 1)
+        self.std = as_float.std(dim=(0, 1, 2)).clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)
+        del as_float
+        self.images = host.permute(0, 3, 1, 2).contiguous().to(self.device)  # uint8 N,C,H,W
+        self.labels = torch.from_numpy(images.labels.astype(np.int64)).to(self.device)
+        self._splits = {
+            split: [torch.from_numpy(ix.astype(np.int64)).to(self.device) for ix in getattr(partition, split)]
+            for split in ("train", "val", "test")
+        }
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.partition.train)
+
+    def indices(self, client: int, split: str) -> torch.Tensor:
+        """The sample indices of one client's split ("train", "val" or "test")."""
+        return self._splits[split][client]
+
+    def num_samples(self, client: int, split: str = "train") -> int:
+        return len(self._splits[split][client])
+
+    def prepare(self, index: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized float images and labels for an index batch.
+
+        With a generator (and augmentation on), each image is randomly
+        cropped (4-pixel padding at 32 px, scaled with size) and, where
+        labels allow, flipped; all in a few batched tensor ops.
+        """
+        x = self.images[index].float().div_(255)
+        if generator is not None and self.augment:
+            x = self._augment(x, generator)
+        x = (x - self.mean) / self.std
+        if self.image_size != self.native_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x, self.labels[index]
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        pad = max(1, height // 8)
+        # Random numbers are drawn on the CPU so a seed gives the same batches on any device.
+        offset_y = torch.randint(0, 2 * pad + 1, (batch,), generator=generator).to(x.device)
+        offset_x = torch.randint(0, 2 * pad + 1, (batch,), generator=generator).to(x.device)
+        flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device) if self.hflip else None
+        padded = F.pad(x, (pad, pad, pad, pad))
+        rows = offset_y[:, None] + torch.arange(height, device=x.device)
+        cols = offset_x[:, None] + torch.arange(width, device=x.device)
+        if flip is not None:
+            cols = torch.where(flip[:, None], cols.flip(1), cols)
+        batch_ix = torch.arange(batch, device=x.device)[:, None, None]
+        # Advanced indexing on dims 0, 2, 3 yields (B, H, W, C).
+        return padded[batch_ix, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+    def train_batches(
+        self, client: int, epochs: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`epochs` shuffled passes over a client's training samples."""
+        index = self._splits["train"][client]
+        for _ in range(epochs):
+            order = torch.randperm(len(index), generator=generator).to(self.device)
+            shuffled = index[order]
+            for start in range(0, len(shuffled), batch_size):
+                yield self.prepare(shuffled[start : start + batch_size], generator)
+
+    def eval_batches(self, client: int, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A client's val or test samples in order, without augmentation."""
+        index = self._splits[split][client]
+        for start in range(0, len(index), batch_size):
+            yield self.prepare(index[start : start + batch_size])

@@ -1,0 +1,159 @@
+"""The `Method` hooks every personalized-FL method may override.
+
+A method answers three questions, and a subclass answers only those where it
+differs from FedAvg (the base behaviour here):
+
+1. Which parameters are personal?  `is_personal`
+2. How does a client train?        `local_update`
+3. What does the server compute?   `server_init`, `broadcast`, `aggregate`
+
+Optional: `adapt_model` (add modules before training), `evaluate`, and
+`search_space` (the method's tuning space, duck-typed over an Optuna trial).
+The engine owns data, devices, the round loop, per-client personal state and
+metrics; a method never does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ..benchmark.config import MethodConfig, TrainConfig
+from ..benchmark.registry import Registry
+from .aggregation import weighted_mean
+
+if TYPE_CHECKING:
+    from ..datasets.base import FederatedData
+
+
+@dataclass
+class TrainStats:
+    """The summed loss (a device tensor, so no sync per batch) over `samples` samples."""
+
+    loss_sum: torch.Tensor
+    samples: int
+
+    def __add__(self, other: TrainStats) -> TrainStats:
+        return TrainStats(self.loss_sum + other.loss_sum, self.samples + other.samples)
+
+    def mean(self) -> float:
+        return float(self.loss_sum) / max(self.samples, 1)
+
+
+@dataclass
+class ClientUpdate:
+    """What one client returns to the server after local training."""
+
+    client: int  # client index
+    num_samples: int  # training samples it holds (the aggregation weight)
+    sent: Mapping[str, torch.Tensor]  # the shared state it was sent
+    params: dict[str, torch.Tensor]  # its shared state after local training
+
+
+Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class LocalContext(Protocol):
+    """What the engine hands a method for one client's local update."""
+
+    client: int  # the client being trained
+    round_index: int  # the current round, from 1
+    train: TrainConfig  # local schedule and optimizer settings
+    data: FederatedData  # the client's data (use `batches`, not raw indices)
+    device: torch.device
+
+    def train_epochs(
+        self, model: nn.Module, params: Sequence[nn.Parameter], epochs: int, forward: Forward | None = None
+    ) -> TrainStats:
+        """SGD on `params` only, for `epochs` passes over the client's training data.
+
+        `forward(model, x)` returns logits (default: `model(x)`); FedRep's head
+        phase passes one that computes body features under no_grad.
+        """
+        ...
+
+
+class SearchTrial(Protocol):
+    """The part of an Optuna trial a search space uses (methods never import optuna)."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float: ...
+    def suggest_int(self, name: str, low: int, high: int, *, log: bool = False) -> int: ...
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+class Method:
+    """FedAvg (McMahan et al., 2017): every parameter is shared, the server averages them."""
+
+    name: ClassVar[str] = ""  # registry key, set by @register
+    Options: ClassVar[type[MethodConfig]] = MethodConfig  # the `method.*` config section
+
+    def __init__(self, options: MethodConfig | None = None):
+        self.options = options if options is not None else self.Options(name=self.name)
+        self.global_state: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def description(cls) -> str:
+        """The first line of the class docstring: shown by `bench list`."""
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+    # -- 0. the model -------------------------------------------------------
+    def adapt_model(self, model: nn.Module) -> nn.Module:
+        """Add method-specific modules (e.g. FedPerfix's plugins) before training."""
+        return model
+
+    # -- 1. which parameters are personal ----------------------------------
+    def is_personal(self, name: str, model: nn.Module) -> bool:
+        """True if the state entry `name` of `model` never leaves the client."""
+        return False
+
+    # -- 2. how a client trains ----------------------------------------------
+    def local_update(self, model: nn.Module, ctx: LocalContext) -> TrainStats:
+        """Joint SGD over every trainable parameter for `train.local_epochs`."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return ctx.train_epochs(model, params, ctx.train.local_epochs)
+
+    # -- 3. what the server computes ----------------------------------------
+    def server_init(self, model: nn.Module, shared: Mapping[str, torch.Tensor], num_clients: int) -> None:
+        """Set up server state from the initial model's shared entries."""
+        self.global_state = {n: t.detach().clone() for n, t in shared.items()}
+
+    def broadcast(self, client: int) -> Mapping[str, torch.Tensor]:
+        """The shared state sent to `client` (read-only for the caller)."""
+        return self.global_state
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
+        """Sample-weighted mean of the clients' shared states."""
+        if updates and self.global_state:
+            self.global_state = weighted_mean([u.params for u in updates], [u.num_samples for u in updates])
+
+    # -- optional -------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+        """(correct, total) of the loaded personalized model on the given batches."""
+        correct = torch.zeros((), dtype=torch.long)
+        total = 0
+        for x, y in batches:
+            correct = correct.to(y.device) + (model(x).argmax(dim=1) == y).sum()
+            total += len(y)
+        return int(correct), total
+
+    @classmethod
+    def search_space(cls, trial: SearchTrial) -> dict[str, Any]:
+        """`{"method.key": value}` suggestions for this method's own options."""
+        return {}
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: register a Method subclass as `name` (once)."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.add(name, cls)
+
+    return wrap

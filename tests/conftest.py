@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny configs on the bundled digits, temporary MLflow stores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pflbench.benchmark.config import resolve_config
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A digits-sized ViT: a 2-round run takes about a second on a CPU.
+TINY = [
+    "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2",
+    "data.num_clients=4", "data.min_samples=20", "train.rounds=2", "train.batch_size=32",
+]
+
+
+def tiny_config(method: str = "fedavg", *overrides: str, dataset: str = "digits", seed: int = 0):
+    """A resolved smoke config for `method`, with extra `key=value` overrides."""
+    return resolve_config(method, dataset, preset="smoke", overrides=[*TINY, *overrides], seed=seed, device="cpu")
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store; the CLI's default store is pointed at it too."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
