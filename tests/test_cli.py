@@ -1,0 +1,74 @@
+"""The `bench` command as a user meets it: exit codes, one-line errors, dry runs, records."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pflbench.benchmark.cli import main
+
+from conftest import TINY
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["run", "--method", "nope", "--dataset", "digits"], "unknown method 'nope'; choose one of:"),
+    (["run", "--method", "fedavg", "--dataset", "nope"], "unknown dataset 'nope'; choose one of:"),
+    (["run", "--method", "fedavg", "--dataset", "digits", "--set", "no.such.key=1"], "no.such.key"),
+    (["run", "--method", "fedavg", "--dataset", "digits", "--set", "train.lr=x"], "train.lr"),
+    (["run", "--method", "fedavg", "--dataset", "digits", "--preset", "nope"], "unknown preset 'nope'"),
+    (["run", "--method", "fedavg", "--dataset", "digits", "--config", "missing.toml"], "config file not found"),
+    (["run", "--method", "fedavg"], "--dataset"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_errors_exit_2_with_one_line(capsys, tracking_uri, argv, fragment):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert fragment in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+
+
+def test_dry_run_prints_the_resolved_config_and_trains_nothing(capsys, tracking_uri, tmp_path):
+    code, out, _ = _run(capsys, "run", "--method", "local", "--dataset", "digits", "--set", "train.lr=0.3",
+                        "--seed", "4", "--dry-run")
+    assert code == 0
+    cfg = tomllib.loads(out)
+    assert cfg["train"]["lr"] == 0.3 and cfg["seed"] == 4 and cfg["method"]["name"] == "local"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_run_quiet_prints_one_line_and_records_in_the_default_store(capsys, tracking_uri, tmp_path):
+    args = ["run", "--method", "fedavg", "--dataset", "digits", "--preset", "smoke", "--quiet", "--device", "cpu"]
+    for s in TINY:
+        args += ["--set", s]
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedavg digits seed=0 test_acc_mean=")
+    run_id = lines[0].rsplit("run_id=", 1)[1]
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and "test_acc_mean" in run.data.metrics
+
+
+def test_diverging_run_is_a_clear_error_and_marked_failed(capsys, tracking_uri):
+    args = ["run", "--method", "fedavg", "--dataset", "digits", "--preset", "smoke", "--quiet",
+            "--set", "train.lr=1e30", "--set", "data.augment=false"]
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "non-finite loss" in err and "marked FAILED" in err
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pflbench").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_list_shows_methods_datasets_presets(capsys):
+    code, out, _ = _run(capsys, "list")
+    assert code == 0
+    for name in ("fedavg", "local", "digits", "smoke", "demo", "dirichlet"):
+        assert name in out

@@ -1,0 +1,74 @@
+"""MLflow records: params, per-round metrics, tags and artifacts of every run; no run left RUNNING."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pflbench.benchmark.config import config_hash, flatten
+from pflbench.benchmark.engine import Callback, Simulation
+from pflbench.benchmark.tracking import RunRecorder
+
+from conftest import tiny_config
+
+TAGS = ["method", "dataset", "seed", "config_hash", "partition_hash", "version", "git_commit", "stage"]
+
+
+def _only_run(uri):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("pflbench")
+    (run,) = client.search_runs([exp.experiment_id])
+    return client, run
+
+
+def test_a_run_records_params_metrics_tags_and_artifacts(tracking_uri):
+    cfg = tiny_config("fedavg", "train.rounds=3", seed=5)
+    sim = Simulation(cfg)
+    with RunRecorder(tracking_uri) as recorder:
+        result = sim.run([recorder])
+    client, run = _only_run(tracking_uri)
+    assert run.info.status == "FINISHED" and run.info.run_id == recorder.run_id
+    assert run.data.params == {k: str(v) for k, v in flatten(cfg).items()}
+    tags = run.data.tags
+    assert all(f"pflbench.{t}" in tags for t in TAGS)
+    assert tags["pflbench.method"] == "fedavg" and tags["pflbench.seed"] == "5"
+    assert tags["pflbench.config_hash"] == config_hash(cfg)
+    assert tags["pflbench.partition_hash"] == sim.partition.digest()
+    assert tags["pflbench.stage"] == "run"
+    history = client.get_metric_history(run.info.run_id, "test_acc_mean")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert history[-1].value == pytest.approx(result.history[-1]["test_acc_mean"])
+    for key in ("test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.toml", "partition.json", "partition_summary.csv", "client_accuracy.csv",
+            "learning_curve.png"} <= artifacts
+    local = client.download_artifacts(run.info.run_id, "partition.json")
+    saved = json.loads(open(local).read())
+    assert [len(ix) for ix in saved["train"]] == [len(ix) for ix in sim.partition.train]
+    rows = list(csv.DictReader(io.StringIO(open(client.download_artifacts(run.info.run_id, "client_accuracy.csv")).read())))
+    assert len(rows) == sim.data.num_clients
+    assert float(rows[0]["test_acc"]) == pytest.approx(result.final.test_acc[0])
+
+
+class _Boom(Callback):
+    def __init__(self, exc):
+        self.exc = exc
+
+    def on_round(self, round_index, metrics):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_crashed_or_interrupted_run_is_ended_not_left_running(tracking_uri, exc, status):
+    sim = Simulation(tiny_config("fedavg"))
+    with pytest.raises(type(exc)):
+        with RunRecorder(tracking_uri) as recorder:
+            sim.run([recorder, _Boom(exc)])
+    client, run = _only_run(tracking_uri)
+    assert run.info.status == status
+    assert len(client.get_metric_history(run.info.run_id, "test_acc_mean")) == 1  # what was logged stays
