@@ -57,7 +57,7 @@ class PFedHNOptions(MethodConfig):
     hidden_dim: int = 100  # width of the MLP body and of the chunk embeddings
     n_hidden: int = 3  # hidden->hidden layers of the MLP body after its input layer
     chunk_size: int = 2048  # values the generator emits per chunk
-    hn_lr: float = 0.01  # SGD learning rate of the hypernetwork
+    hn_lr: float = 0.1  # SGD learning rate of the hypernetwork (0.1 with momentum 0.9: about FedAvg's step)
     embed_lr: float = 0.0  # SGD learning rate of the client embeddings; 0 = hn_lr
     momentum: float = 0.9  # SGD momentum of both server optimizers
     weight_decay: float = 1e-3  # SGD weight decay of both server optimizers
@@ -112,7 +112,7 @@ class ChunkedHypernetwork(nn.Module):
         self.body = nn.Sequential(*layers)
         self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, hidden_dim))
         self.generator = nn.Linear(hidden_dim, chunk_size)
-        nn.init.zeros_(self.generator.bias)  # so `match_scale` scales the output exactly
+        nn.init.zeros_(self.generator.bias)  # so `init_scale` scales the output exactly
 
     def generate(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         """The target tensors generated from one client embedding (shape `(embed_dim,)`)."""
@@ -132,12 +132,20 @@ class ChunkedHypernetwork(nn.Module):
         return sum(p.numel() for p in self.hypernetwork_parameters())
 
     @torch.no_grad()
-    def match_scale(self, rms: float) -> None:
-        """Scale the generator so the generated values' RMS over all clients is `rms`.
+    def init_scale(self, rms: float) -> None:
+        """Set the scale of the generator's input and output at the start.
 
-        Used at start with the RMS of the model's own initial target tensors, so the
-        generated weights begin at the scale the model's initialization chose.
+        Input: the chunk embeddings are scaled so `||h * c_j||^2` is 1 on average
+        over clients and chunks. That fixes the server step's size along the
+        generator: with `hn_lr = 1` a client's generated weights move by about the
+        change it sent back (the step FedAvg takes), whatever the widths.
+        Output: the generator is scaled so the generated values' RMS over all
+        clients is `rms`, the RMS of the model's own initial target tensors.
         """
+        h = self.body(self.embeddings.weight)  # (num_clients, hidden_dim)
+        features = float((h.square().mean(0) * self.chunk_embeddings.square().mean(0)).sum())
+        if features > 0:
+            self.chunk_embeddings.mul_(1 / math.sqrt(features))
         if rms <= 0:
             return
         square_sum = sum(
@@ -281,7 +289,7 @@ class PFedHN(Method):
             embed_dim=opts.embed_dim or 1 + num_clients // 4, hidden_dim=opts.hidden_dim,
             n_hidden=opts.n_hidden, chunk_size=opts.chunk_size,
         ).to(initial[0].device)
-        self.hn.match_scale(rms)
+        self.hn.init_scale(rms)
         common = {"momentum": opts.momentum, "weight_decay": opts.weight_decay}
         self.hn_optimizer = torch.optim.SGD(self.hn.hypernetwork_parameters(), lr=opts.hn_lr, **common)
         self.embed_optimizer = torch.optim.SGD(
@@ -343,7 +351,7 @@ class PFedHN(Method):
     @classmethod
     def search_space(cls, trial: SearchTrial) -> dict[str, Any]:
         return {
-            "method.hn_lr": trial.suggest_float("method.hn_lr", 1e-3, 3e-1, log=True),
+            "method.hn_lr": trial.suggest_float("method.hn_lr", 1e-2, 1.0, log=True),
             "method.embed_dim": trial.suggest_categorical("method.embed_dim", [8, 16, 32]),
             "method.hidden_dim": trial.suggest_categorical("method.hidden_dim", [64, 100, 200]),
             "method.chunk_size": trial.suggest_categorical("method.chunk_size", [512, 1024, 2048, 4096]),
