@@ -187,7 +187,7 @@ class Simulation:
         k = self.data.num_clients
         held_out = self.method.held_out_clients(k, np.random.default_rng(self.seeds["held_out"]))
         self.held_out: list[int] = sorted(set(int(c) for c in held_out))
-        self.training_clients: list[int] = [c for c in range(k) if c not in set(self.held_out)]
+        self.training_clients: list[int] = sorted(set(range(k)) - set(self.held_out))
         if not self.training_clients:
             raise UserError(f"every one of the {k} clients is held out; none is left to train")
         self.method.server_init(self.model, {n: self._entries[n] for n in self.shared_names}, self.data.num_clients)
@@ -322,11 +322,11 @@ class Simulation:
         """Let the method adapt to the held-out clients, then evaluate only them."""
         rounds = self.cfg.train.rounds
 
-        def step(client: int, step: int) -> ClientUpdate:
+        def train_held_out(client: int, step: int) -> ClientUpdate:
             # Batches seeded past the training rounds, so they never repeat a round's.
             return self.train_client(client, rounds + step)[0]
 
-        self.method.fit_held_out(list(self.held_out), step)
+        self.method.fit_held_out(list(self.held_out), train_held_out)
         return self.evaluate(self.held_out)
 
     def run(self, callbacks: Sequence[Callback] = ()) -> RunResult:
