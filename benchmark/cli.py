@@ -118,6 +118,8 @@ def _results_table(sim, result, run_id: str | None) -> Table:
         if key in final:
             table.add_row(key, f"{final[key]:.4f}")
     last = result.history[-1]
+    for key, value in result.held_out_metrics.items():
+        table.add_row(key, f"{value:.4f}")
     table.add_row("train_loss (last round)", f"{last['train_loss']:.4f}")
     table.add_row("bytes_up per round", f"{last['bytes_up']:,.0f}")
     table.add_row("bytes_down per round", f"{last['bytes_down']:,.0f}")
@@ -155,9 +157,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     callbacks: list = [recorder]
     progress = None
     if not args.quiet:
+        info = "".join(f", {k} {v:,}" if isinstance(v, (int, float)) else f", {k} {v}"
+                       for k, v in sim.method.run_info().items())
         console.print(
             f"[bold]{cfg.method.name}[/] on [bold]{cfg.dataset.name}[/]: {sim.data.num_clients} clients,"
             f" {sim.num_parameters:,} parameters ({sim.num_personal_parameters:,} personal), device {sim.device}"
+            + info
         )
         progress = _RichProgress(cfg.train.rounds, f"{cfg.method.name}/{cfg.dataset.name}")
         callbacks.append(progress)

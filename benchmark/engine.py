@@ -6,6 +6,12 @@ place), lets the method train it, reads the shared part back as the client's
 update, and keeps the personal part aside. The method's server hooks then
 aggregate. Nothing is deep-copied per client, and data never leaves the
 device. Progress is reported through `Callback`s; this module does no I/O.
+
+A method may hold some clients out of training (`Method.held_out_clients`):
+they are never sampled and the round metrics leave them out; after the last
+round the method adapts to them (`Method.fit_held_out`, through the same
+one-client step the rounds use) and their accuracy is reported with the
+`novel_` prefix (`novel_test_acc_mean`, ...).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .models import build_model
 METRIC_NAMES = (
     "test_acc_mean", "test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds",
 )
+HELD_OUT_PREFIX = "novel_"  # held-out clients' metrics: novel_test_acc_mean, ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,14 +84,15 @@ class EvalResult:
     def val_acc(self) -> np.ndarray:
         return np.where(self.val_count > 0, self.val_correct / np.maximum(self.val_count, 1), np.nan)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Mean and sample-weighted accuracy over the evaluated clients (count > 0)."""
         out = {
             "test_acc_mean": self._mean(self.test_correct, self.test_count),
             "test_acc_weighted": float(self.test_correct.sum() / max(self.test_count.sum(), 1)),
         }
         if self.val_count.sum() > 0:
             out["val_acc_mean"] = self._mean(self.val_correct, self.val_count)
-        return out
+        return {prefix + k: v for k, v in out.items()}
 
 
 @dataclass
@@ -94,6 +102,12 @@ class RunResult:
     history: list[dict[str, float]]  # metrics of each round, in order (with "round")
     final: EvalResult  # the last evaluation
     seconds: float  # wall time of the round loop
+    held_out: EvalResult | None = None  # held-out clients after `fit_held_out`, if any
+
+    @property
+    def held_out_metrics(self) -> dict[str, float]:
+        """`novel_test_acc_mean`, ... of the held-out clients; empty without them."""
+        return self.held_out.metrics(HELD_OUT_PREFIX) if self.held_out is not None else {}
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -102,8 +116,9 @@ class RunResult:
 
 def derive_seeds(seed: int) -> dict[str, int]:
     """Independent seeds for each random stream, all fixed by the run's seed."""
-    init, sampling, batches = np.random.SeedSequence(seed).generate_state(3)
-    return {"init": int(init), "sampling": int(sampling), "batches": int(batches)}
+    # generate_state is prefix-stable: adding a stream at the end leaves the others unchanged.
+    init, sampling, batches, held_out = np.random.SeedSequence(seed).generate_state(4)
+    return {"init": int(init), "sampling": int(sampling), "batches": int(batches), "held_out": int(held_out)}
 
 
 class _ClientContext:
@@ -169,6 +184,12 @@ class Simulation:
         self.shared_names = [n for n in self._entries if n not in personal]
         self._initial_personal = {n: self._entries[n].detach().clone() for n in self.personal_names}
         self._personal: dict[int, dict[str, torch.Tensor]] = {}
+        k = self.data.num_clients
+        held_out = self.method.held_out_clients(k, np.random.default_rng(self.seeds["held_out"]))
+        self.held_out: list[int] = sorted(set(int(c) for c in held_out))
+        self.training_clients: list[int] = sorted(set(range(k)) - set(self.held_out))
+        if not self.training_clients:
+            raise UserError(f"every one of the {k} clients is held out; none is left to train")
         self.method.server_init(self.model, {n: self._entries[n] for n in self.shared_names}, self.data.num_clients)
 
         self._sampler = np.random.default_rng(self.seeds["sampling"])
@@ -229,9 +250,23 @@ class Simulation:
 
     # -- the round loop ----------------------------------------------------------
     def sample_clients(self) -> list[int]:
-        k = self.data.num_clients
-        m = max(1, int(round(self.cfg.train.sample_fraction * k)))
-        return sorted(int(c) for c in self._sampler.choice(k, size=m, replace=False))
+        """This round's clients, drawn from the training (not held-out) clients."""
+        pool = self.training_clients
+        m = max(1, int(round(self.cfg.train.sample_fraction * len(pool))))
+        return sorted(int(pool[i]) for i in self._sampler.choice(len(pool), size=m, replace=False))
+
+    def train_client(self, client: int, round_index: int) -> tuple[ClientUpdate, TrainStats]:
+        """One client's local step: load its state, `local_update`, read the shared part back."""
+        sent = self.load_client(client)
+        self.model.train()
+        stats = self.method.local_update(self.forward_model, _ClientContext(self, client, round_index))
+        client_loss = float(stats.loss_sum)  # one sync per client
+        if not math.isfinite(client_loss):
+            raise TrainingDiverged(round_index, client, client_loss)
+        with torch.no_grad():
+            params = {n: self._entries[n].detach().clone() for n in sent}
+        self._keep_personal(client)
+        return ClientUpdate(client, self.data.num_samples(client), sent, params), stats
 
     def run_round(self, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
         """Train the sampled clients, aggregate, and evaluate when due; returns the round's metrics."""
@@ -242,20 +277,12 @@ class Simulation:
         updates: list[ClientUpdate] = []
         loss_sum, loss_samples, bytes_up, bytes_down = 0.0, 0, 0, 0
         for done, client in enumerate(selected, 1):
-            sent = self.load_client(client)
-            bytes_down += state_bytes(sent)
-            self.model.train()
-            stats = self.method.local_update(self.forward_model, _ClientContext(self, client, r))
-            client_loss = float(stats.loss_sum)  # one sync per client
-            if not math.isfinite(client_loss):
-                raise TrainingDiverged(r, client, client_loss)
-            loss_sum += client_loss
+            update, stats = self.train_client(client, r)
+            bytes_down += state_bytes(update.sent)
+            bytes_up += state_bytes(update.params)
+            loss_sum += float(stats.loss_sum)
             loss_samples += stats.samples
-            with torch.no_grad():
-                params = {n: self._entries[n].detach().clone() for n in sent}
-            bytes_up += state_bytes(params)
-            self._keep_personal(client)
-            updates.append(ClientUpdate(client, self.data.num_samples(client), sent, params))
+            updates.append(update)
             for cb in callbacks:
                 cb.on_progress(r, done, len(selected))
         self.method.aggregate(updates)
@@ -266,7 +293,7 @@ class Simulation:
             "clients": float(len(selected)),
         }
         if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
-            self.last_eval = self.evaluate()
+            self.last_eval = self.evaluate(self.training_clients)
             metrics.update(self.last_eval.metrics())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -291,6 +318,17 @@ class Simulation:
                     counts[f"{split}_count"][client] = total
         return EvalResult(**counts)
 
+    def fit_and_evaluate_held_out(self) -> EvalResult:
+        """Let the method adapt to the held-out clients, then evaluate only them."""
+        rounds = self.cfg.train.rounds
+
+        def train_held_out(client: int, step: int) -> ClientUpdate:
+            # Batches seeded past the training rounds, so they never repeat a round's.
+            return self.train_client(client, rounds + step)[0]
+
+        self.method.fit_held_out(list(self.held_out), train_held_out)
+        return self.evaluate(self.held_out)
+
     def run(self, callbacks: Sequence[Callback] = ()) -> RunResult:
         """All remaining rounds; the last one is always evaluated."""
         start = time.perf_counter()
@@ -303,8 +341,9 @@ class Simulation:
             for cb in callbacks:
                 cb.on_round(self.round_index, metrics)
         if self.last_eval is None:
-            self.last_eval = self.evaluate()
-        result = RunResult(self.history, self.last_eval, time.perf_counter() - start)
+            self.last_eval = self.evaluate(self.training_clients)
+        held_out = self.fit_and_evaluate_held_out() if self.held_out else None
+        result = RunResult(self.history, self.last_eval, time.perf_counter() - start, held_out)
         for cb in callbacks:
             cb.on_end(self, result)
         return result

@@ -2,9 +2,11 @@
 
 `RunRecorder` is an engine `Callback`: it opens one MLflow run when the
 simulation starts (params = the flattened resolved config, the pflbench.*
-tags, the config and partition as artifacts), logs metrics each round
+tags, the method's `run_info()` numbers as `pflbench.info.<key>` tags, the
+config and partition as artifacts), logs metrics each round
 (step = round), adds the per-client accuracies and the learning curve at the
-end, and, used as a context manager, ends the run FINISHED, FAILED (an
+end (plus the held-out clients' `novel_*` metrics, at the last round's
+step, when the method holds some out), and, used as a context manager, ends the run FINISHED, FAILED (an
 exception) or KILLED (Ctrl-C) so no run is left RUNNING.
 """
 
@@ -121,6 +123,8 @@ class RunRecorder(Callback):
             "parameters": str(sim.num_parameters),
             "personal_parameters": str(sim.num_personal_parameters),
         }
+        # Tags like the parameter counts above: descriptive numbers, not settings (params are the config).
+        tags |= {f"info.{k}": str(v) for k, v in sim.method.run_info().items()}
         all_tags = {TAG_PREFIX + k: v for k, v in tags.items()} | self.extra_tags
         if self.parent_run_id:
             all_tags["mlflow.parentRunId"] = self.parent_run_id
@@ -143,6 +147,8 @@ class RunRecorder(Callback):
         self.log_metrics(metrics, step=round_index)
 
     def on_end(self, sim: Simulation, result: RunResult) -> None:
+        if result.held_out_metrics:
+            self.log_metrics(result.held_out_metrics, step=sim.round_index)
         final = result.final
         self.client.log_text(
             self.run_id,

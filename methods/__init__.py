@@ -1,6 +1,6 @@
 """PFL methods. Importing this package registers every method."""
 
-from .base import METHODS, ClientUpdate, LocalContext, Method, TrainStats, register
-from . import fedavg, local  # noqa: F401  (registers)
+from .base import METHODS, ClientTrainer, ClientUpdate, LocalContext, Method, TrainStats, register
+from . import fedavg, local, pfedhn  # noqa: F401  (registers)
 
-__all__ = ["METHODS", "ClientUpdate", "LocalContext", "Method", "TrainStats", "register"]
+__all__ = ["METHODS", "ClientTrainer", "ClientUpdate", "LocalContext", "Method", "TrainStats", "register"]

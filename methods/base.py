@@ -7,8 +7,10 @@ differs from FedAvg (the base behaviour here):
 2. How does a client train?        `local_update`
 3. What does the server compute?   `server_init`, `broadcast`, `aggregate`
 
-Optional: `adapt_model` (add modules before training), `evaluate`, and
-`search_space` (the method's tuning space, duck-typed over an Optuna trial).
+Optional: `adapt_model` (add modules before training), `evaluate`,
+`search_space` (the method's tuning space, duck-typed over an Optuna trial),
+`run_info` (numbers logged at run start), and the held-out ("novel") client
+pair `held_out_clients` / `fit_held_out`.
 The engine owns data, devices, the round loop, per-client personal state and
 metrics; a method never does I/O.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,6 +76,16 @@ class LocalContext(Protocol):
         `forward(model, x)` returns logits (default: `model(x)`); FedRep's head
         phase passes one that computes body features under no_grad.
         """
+        ...
+
+
+class ClientTrainer(Protocol):
+    """The engine's one-client step, given to `Method.fit_held_out`."""
+
+    def __call__(self, client: int, step: int) -> ClientUpdate:
+        """Load `client`'s broadcast and personal state, run `local_update` on its training
+        data (batches seeded by `step`, counted from 1), keep its personal state, and
+        return the update. Nothing reaches the server unless the method uses the update."""
         ...
 
 
@@ -144,6 +157,21 @@ class Method:
     def search_space(cls, trial: SearchTrial) -> dict[str, Any]:
         """`{"method.key": value}` suggestions for this method's own options."""
         return {}
+
+    def run_info(self) -> dict[str, int | float | str]:
+        """Numbers worth recording at run start (e.g. the size of server-side models)."""
+        return {}
+
+    # -- held-out (novel) clients ----------------------------------------------
+    def held_out_clients(self, num_clients: int, rng: np.random.Generator) -> list[int]:
+        """Clients kept out of training: never sampled, left out of the round metrics.
+
+        Called once, before `server_init`; `rng` is seeded by the run's seed.
+        """
+        return []
+
+    def fit_held_out(self, clients: Sequence[int], train_client: ClientTrainer) -> None:
+        """Adapt to the held-out `clients` after the last round; they are evaluated next."""
 
 
 METHODS: Registry[type[Method]] = Registry("method")

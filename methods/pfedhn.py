@@ -1,0 +1,358 @@
+"""pFedHN (Shamsian et al., ICML 2021) for Vision Transformers, with a chunked hypernetwork.
+
+The server keeps a learned embedding per client and a hypernetwork that turns
+an embedding into the client's copy of the *target* tensors (default: every
+block's attention qkv and proj weights). Generating each tensor with its own
+linear output layer, as the paper does for small CNNs, would need
+`hidden_dim x numel` weights per tensor (billions for ViT-S), so the
+generator here emits fixed-size chunks instead:
+
+    h       = MLP(e_client)                       the paper's MLP body
+    chunk_j = W (h * c_j) + b                     one linear generator for all chunks
+    targets = concat(chunk_1 .. chunk_J)[:N], cut and reshaped into the target tensors
+
+`c_j` is a learned embedding of chunk j (width `hidden_dim`) that gates the
+client features, so each chunk reads its own linear view of the client. (A
+concatenation `[h; c_j]` would add the *same* client vector to every chunk.)
+Stacked over chunks the output is `C diag(h) W^T + b`: like the paper's
+per-tensor output layers it is linear in h, only factorized, and the
+hypernetwork grows with the target by one chunk embedding per chunk.
+
+Untargeted shared entries are averaged exactly as in FedAvg; variant `pc`
+(pFedHN-PC) keeps the classifier head personal as well. After local training
+on the generated weights each client returns them; the server pushes
+`delta = sent - after` back through the hypernetwork (a vector-Jacobian
+product), clips the gradient norm and steps two SGD optimizers: one for the
+hypernetwork, one for the client embeddings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..benchmark.config import MethodConfig
+from ..benchmark.errors import UserError
+from .aggregation import weighted_mean
+from .base import ClientTrainer, ClientUpdate, Method, SearchTrial, register
+from .structure import head_entries
+
+DEFAULT_TARGET = ("blocks.*.attn.qkv.weight", "blocks.*.attn.proj.weight")
+VARIANTS = ("hn", "pc")
+
+
+@dataclass
+class PFedHNOptions(MethodConfig):
+    """Options of pFedHN (`method.*`)."""
+
+    target: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET))  # glob patterns of generated entries
+    variant: str = "hn"  # hn: only the targets are personalized; pc: the classifier head stays personal too
+    embed_dim: int = 0  # client embedding size; 0 = 1 + num_clients // 4 (the paper's rule)
+    hidden_dim: int = 100  # width of the MLP body and of the chunk embeddings
+    n_hidden: int = 3  # hidden->hidden layers of the MLP body after its input layer
+    chunk_size: int = 2048  # values the generator emits per chunk
+    hn_lr: float = 0.1  # SGD learning rate of the hypernetwork (0.1 with momentum 0.9: about FedAvg's step)
+    embed_lr: float = 0.0  # SGD learning rate of the client embeddings; 0 = hn_lr
+    momentum: float = 0.9  # SGD momentum of both server optimizers
+    weight_decay: float = 1e-3  # SGD weight decay of both server optimizers
+    max_grad_norm: float = 50.0  # clip the server gradient's total norm; 0 = off
+    novel_clients: int = 0  # clients held out of training, fitted after it (embeddings only)
+    novel_rounds: int = 10  # embedding-fit steps for the novel clients after the last round
+
+    def validate(self) -> None:
+        """Range checks; a UserError names the key."""
+
+        def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+            if not ok:
+                raise UserError(f"bad value for method.{key}: {value!r} ({allowed})")
+
+        require(bool(self.target) and all(p.strip() for p in self.target), "target", self.target,
+                "one or more glob patterns over parameter names, e.g. blocks.*.attn.qkv.weight")
+        require(self.variant in VARIANTS, "variant", self.variant, f"choose one of: {', '.join(VARIANTS)}")
+        require(self.embed_dim >= 0, "embed_dim", self.embed_dim, "must be >= 1, or 0 for 1 + num_clients // 4")
+        for key in ("hidden_dim", "chunk_size", "novel_rounds"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        for key in ("n_hidden", "novel_clients"):
+            require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        require(self.hn_lr > 0, "hn_lr", self.hn_lr, "must be > 0")
+        require(self.embed_lr >= 0, "embed_lr", self.embed_lr, "must be > 0, or 0 for hn_lr")
+        require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0 (0 = off)")
+
+
+class ChunkedHypernetwork(nn.Module):
+    """Client embedding -> MLP -> one linear generator shared by all chunks, gated by chunk embeddings."""
+
+    def __init__(
+        self,
+        num_clients: int,
+        shapes: Mapping[str, Sequence[int]],
+        *,
+        embed_dim: int,
+        hidden_dim: int,
+        n_hidden: int,
+        chunk_size: int,
+    ):
+        super().__init__()
+        self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
+        self.sizes = [s.numel() for s in self.shapes.values()]
+        self.num_generated = sum(self.sizes)
+        self.num_chunks = math.ceil(self.num_generated / chunk_size)
+        self.embeddings = nn.Embedding(num_clients, embed_dim)  # N(0, 1), as in the paper
+        layers: list[nn.Module] = [nn.Linear(embed_dim, hidden_dim)]
+        for _ in range(n_hidden):
+            layers += [nn.ReLU(), nn.Linear(hidden_dim, hidden_dim)]
+        self.body = nn.Sequential(*layers)
+        self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, hidden_dim))
+        self.generator = nn.Linear(hidden_dim, chunk_size)
+        nn.init.zeros_(self.generator.bias)  # so `init_scale` scales the output exactly
+
+    def generate(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The target tensors generated from one client embedding (shape `(embed_dim,)`)."""
+        h = self.body(embedding)
+        chunks = self.generator(self.chunk_embeddings * h)  # (num_chunks, chunk_size)
+        flat = chunks.reshape(-1)[: self.num_generated]
+        return {name: piece.view(shape) for (name, shape), piece in zip(self.shapes.items(), flat.split(self.sizes))}
+
+    def forward(self, client: int) -> dict[str, torch.Tensor]:
+        return self.generate(self.embeddings.weight[client])
+
+    def hypernetwork_parameters(self) -> list[nn.Parameter]:
+        """Everything but the client embeddings: the part shared by all clients."""
+        return [p for name, p in self.named_parameters() if not name.startswith("embeddings.")]
+
+    def num_hypernetwork_parameters(self) -> int:
+        return sum(p.numel() for p in self.hypernetwork_parameters())
+
+    @torch.no_grad()
+    def init_scale(self, rms: float) -> None:
+        """Set the scale of the generator's input and output at the start.
+
+        Input: the chunk embeddings are scaled so `||h * c_j||^2` is 1 on average
+        over clients and chunks. That fixes the server step's size along the
+        generator: with `hn_lr = 1` a client's generated weights move by about the
+        change it sent back (the step FedAvg takes), whatever the widths.
+        Output: the generator is scaled so the generated values' RMS over all
+        clients is `rms`, the RMS of the model's own initial target tensors.
+        """
+        h = self.body(self.embeddings.weight)  # (num_clients, hidden_dim)
+        features = float((h.square().mean(0) * self.chunk_embeddings.square().mean(0)).sum())
+        if features > 0:
+            self.chunk_embeddings.mul_(1 / math.sqrt(features))
+        if rms <= 0:
+            return
+        square_sum = sum(
+            float(sum(t.square().sum() for t in self(c).values())) for c in range(self.embeddings.num_embeddings)
+        )
+        current = math.sqrt(square_sum / (self.num_generated * self.embeddings.num_embeddings))
+        if current > 0:
+            self.generator.weight.mul_(rms / current)
+
+
+# -- the server math --------------------------------------------------------------
+
+
+def vector_jacobian(
+    generated: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """`J^T delta`: the generated tensors' Jacobian with respect to `inputs`, applied to `delta`.
+
+    With `delta = sent - after local training`, an SGD step along this moves the
+    generated weights towards the client's trained ones (the pFedHN update).
+    """
+    names = list(generated)
+    grads = torch.autograd.grad(
+        [generated[n] for n in names], list(inputs),
+        grad_outputs=[delta[n].to(generated[n].dtype) for n in names], allow_unused=True,
+    )
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def round_gradients(
+    hn: ChunkedHypernetwork,
+    clients: Sequence[int],
+    deltas: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> dict[str, torch.Tensor]:
+    """The server's gradient for one round, by parameter name of `hn`.
+
+    Shared hypernetwork parameters: the `weights`-weighted mean over the round's
+    clients of `J_i^T delta_i`, i.e. one step on the round's clients as a
+    minibatch (each weighted by its samples, as FedAvg weights the rest of the
+    model). Client embeddings: each client's row gets its own, undivided
+    `J_i^T delta_i`, the step the paper takes for the client it visits. Every
+    vector-Jacobian product is taken at the parameters that generated the
+    tensors the clients were sent (nothing steps in between).
+    """
+    total = float(sum(weights))
+    shared = hn.hypernetwork_parameters()
+    table = hn.embeddings.weight
+    grads = [torch.zeros_like(p) for p in shared]
+    table_grad = torch.zeros_like(table)
+    for client, delta, weight in zip(clients, deltas, weights):
+        with torch.enable_grad():
+            row = table[client]
+            *shared_grads, row_grad = vector_jacobian(hn.generate(row), delta, [*shared, row])
+        for acc, g in zip(grads, shared_grads):
+            acc.add_(g, alpha=weight / total)
+        table_grad[client] += row_grad
+    by_param = {id(p): g for p, g in zip(shared, grads)} | {id(table): table_grad}
+    return {name: by_param[id(p)] for name, p in hn.named_parameters()}
+
+
+def clip_and_step(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor], max_norm: float,
+                  optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Install `grads`, clip their total norm to `max_norm` (0 = off), step every optimizer."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    for opt in optimizers:
+        opt.step()
+    for p in params:
+        p.grad = None
+
+
+@register("pfedhn")
+class PFedHN(Method):
+    """pFedHN (Shamsian et al., 2021): a server hypernetwork generates each client's attention weights."""
+
+    Options = PFedHNOptions
+    options: PFedHNOptions
+
+    def __init__(self, options: PFedHNOptions | None = None):
+        super().__init__(options)
+        self.hn: ChunkedHypernetwork | None = None
+        self.targets: list[str] = []
+        self.novel: list[int] = []
+        self._head: tuple[int, set[str]] = (0, set())
+
+    # -- which parameters are personal ----------------------------------------------
+    def is_personal(self, name: str, model: nn.Module) -> bool:
+        if self.options.variant != "pc":
+            return False
+        if self._head[0] != id(model):
+            self._head = (id(model), head_entries(model))
+        return name in self._head[1]
+
+    # -- novel clients ---------------------------------------------------------------
+    def held_out_clients(self, num_clients: int, rng: np.random.Generator) -> list[int]:
+        k = self.options.novel_clients
+        if k >= num_clients:
+            raise UserError(
+                f"bad value for method.novel_clients: {k} (must be < data.num_clients={num_clients})"
+            )
+        self.novel = sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
+        return self.novel
+
+    def fit_held_out(self, clients: Sequence[int], train_client: ClientTrainer) -> None:
+        """Fit only the novel clients' embeddings; the hypernetwork is never stepped.
+
+        Each step is a round restricted to the novel clients: local training on the
+        generated weights (the engine's own step), then `J^T delta` with respect to
+        the client's embedding alone, clipped, and an SGD step on the embeddings.
+        """
+        assert self.hn is not None
+        opts = self.options
+        clients = list(clients)
+        table = self.hn.embeddings.weight
+        novel = nn.Parameter(table.detach()[clients].clone())
+        optimizer = torch.optim.SGD([novel], lr=opts.embed_lr or opts.hn_lr, momentum=opts.momentum,
+                                    weight_decay=opts.weight_decay)
+        for step in range(1, opts.novel_rounds + 1):
+            updates = [train_client(c, step) for c in clients]
+            grad = torch.zeros_like(novel)
+            for i, update in enumerate(updates):
+                with torch.enable_grad():
+                    row = novel[i]
+                    (grad[i],) = vector_jacobian(self.hn.generate(row), self._delta(update), [row])
+            clip_and_step([novel], [grad], opts.max_grad_norm, [optimizer])
+            with torch.no_grad():
+                table[clients] = novel.detach()  # the next broadcast generates from the fitted rows
+
+    # -- the server ------------------------------------------------------------------
+    def server_init(self, model: nn.Module, shared: Mapping[str, torch.Tensor], num_clients: int) -> None:
+        opts = self.options
+        self.targets = self._select_targets(model, shared)
+        super().server_init(model, {n: t for n, t in shared.items() if n not in set(self.targets)}, num_clients)
+        initial = [shared[n].detach().float() for n in self.targets]
+        rms = math.sqrt(sum(float(t.square().sum()) for t in initial) / sum(t.numel() for t in initial))
+        self.hn = ChunkedHypernetwork(
+            num_clients, {n: shared[n].shape for n in self.targets},
+            embed_dim=opts.embed_dim or 1 + num_clients // 4, hidden_dim=opts.hidden_dim,
+            n_hidden=opts.n_hidden, chunk_size=opts.chunk_size,
+        ).to(initial[0].device)
+        self.hn.init_scale(rms)
+        common = {"momentum": opts.momentum, "weight_decay": opts.weight_decay}
+        self.hn_optimizer = torch.optim.SGD(self.hn.hypernetwork_parameters(), lr=opts.hn_lr, **common)
+        self.embed_optimizer = torch.optim.SGD(
+            [self.hn.embeddings.weight], lr=opts.embed_lr or opts.hn_lr, **common
+        )
+
+    def _select_targets(self, model: nn.Module, shared: Mapping[str, torch.Tensor]) -> list[str]:
+        names = list(model.state_dict(keep_vars=True))
+        chosen: set[str] = set()
+        for pattern in self.options.target:
+            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
+                examples = ", ".join(n for n in names if n.endswith(".weight"))[:200]
+                raise UserError(f"bad value for method.target: {pattern!r} matches no model entry (e.g. {examples})")
+            chosen.update(matched)
+        personal = sorted(n for n in chosen if n not in shared)
+        if personal:
+            raise UserError(f"bad value for method.target: it matches personal entries ({', '.join(personal)}),"
+                            " which the server cannot generate")
+        not_float = sorted(n for n in chosen if not shared[n].is_floating_point())
+        if not_float:
+            raise UserError(f"bad value for method.target: non-float entries cannot be generated: {not_float}")
+        return [n for n in names if n in chosen]  # the model's own order
+
+    def broadcast(self, client: int) -> Mapping[str, torch.Tensor]:
+        assert self.hn is not None, "server_init first"
+        with torch.no_grad():
+            generated = self.hn(client)
+        return {**self.global_state, **generated}
+
+    def _delta(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
+        return {n: (update.sent[n] - update.params[n]).float() for n in self.targets}
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
+        """FedAvg for the untargeted entries; one hypernetwork step for the targets."""
+        if not updates:
+            return
+        weights = [u.num_samples for u in updates]
+        if self.global_state:
+            untargeted = [{n: u.params[n] for n in self.global_state} for u in updates]
+            self.global_state = weighted_mean(untargeted, weights)
+        assert self.hn is not None
+        grads = round_gradients(self.hn, [u.client for u in updates], [self._delta(u) for u in updates], weights)
+        params = dict(self.hn.named_parameters())
+        clip_and_step([params[n] for n in grads], list(grads.values()), self.options.max_grad_norm,
+                      [self.hn_optimizer, self.embed_optimizer])
+
+    # -- reporting and tuning ----------------------------------------------------------
+    def run_info(self) -> dict[str, int | float | str]:
+        if self.hn is None:
+            return {}
+        return {
+            "hn_parameters": self.hn.num_hypernetwork_parameters(),
+            "hn_client_embedding_parameters": self.hn.embeddings.weight.numel(),
+            "hn_chunks": self.hn.num_chunks,
+            "hn_generated_parameters": self.hn.num_generated,
+        }
+
+    @classmethod
+    def search_space(cls, trial: SearchTrial) -> dict[str, Any]:
+        return {
+            "method.hn_lr": trial.suggest_float("method.hn_lr", 1e-2, 1.0, log=True),
+            "method.embed_dim": trial.suggest_categorical("method.embed_dim", [8, 16, 32]),
+            "method.hidden_dim": trial.suggest_categorical("method.hidden_dim", [64, 100, 200]),
+            "method.chunk_size": trial.suggest_categorical("method.chunk_size", [512, 1024, 2048, 4096]),
+        }

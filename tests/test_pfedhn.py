@@ -1,0 +1,321 @@
+"""pFedHN: the chunked hypernetwork, its server update, FedAvg for the rest, novel clients."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+import torch
+from conftest import tiny_config
+
+from pflbench.benchmark.config import resolve_config
+from pflbench.benchmark.engine import Simulation
+from pflbench.benchmark.errors import UserError
+from pflbench.benchmark.models import build_model
+from pflbench.methods import METHODS, ClientUpdate
+from pflbench.methods.pfedhn import ChunkedHypernetwork, PFedHN, round_gradients
+from pflbench.methods.structure import head_entries
+
+# A small hypernetwork so every simulation here takes about a second.
+SMALL_HN = ["method.hidden_dim=8", "method.n_hidden=1", "method.chunk_size=96", "method.embed_dim=3"]
+QKV_PROJ = {f"blocks.{i}.attn.{part}.weight" for i in range(2) for part in ("qkv", "proj")}
+
+
+def small_sim(*overrides: str, seed: int = 0) -> Simulation:
+    return Simulation(tiny_config("pfedhn", *SMALL_HN, *overrides, seed=seed))
+
+
+def tiny_hn(num_clients: int = 3) -> ChunkedHypernetwork:
+    torch.manual_seed(0)
+    shapes = {"a.weight": (3, 4), "b.weight": (5,), "c.weight": (2, 2)}
+    return ChunkedHypernetwork(num_clients, shapes, embed_dim=2, hidden_dim=3, n_hidden=1, chunk_size=4).double()
+
+
+def synthetic_updates(sim: Simulation, clients=(0, 2, 3)) -> list[ClientUpdate]:
+    """Updates as if `clients` had trained: their broadcast plus seeded noise, with unequal sample counts."""
+    gen = torch.Generator().manual_seed(5)
+    updates = []
+    for i, client in enumerate(clients):
+        sent = sim.method.broadcast(client)
+        params = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in sent.items()}
+        updates.append(ClientUpdate(client, 10 * (i + 1), sent, params))
+    return updates
+
+
+def recorded_updates(sim: Simulation) -> list[list[ClientUpdate]]:
+    """Wrap the method's aggregate so each round's updates are kept for inspection."""
+    rounds: list[list[ClientUpdate]] = []
+    inner = sim.method.aggregate
+
+    def aggregate(updates):
+        rounds.append(list(updates))
+        inner(updates)
+
+    sim.method.aggregate = aggregate
+    return rounds
+
+
+def test_generated_tensors_match_the_targets_by_name_and_shape():
+    sim = small_sim()
+    method = sim.method
+    assert set(method.targets) == QKV_PROJ  # default target: every block's qkv and proj weight
+    sent = method.broadcast(1)
+    entries = sim.model.state_dict()
+    assert set(sent) == set(sim.shared_names)
+    for name in QKV_PROJ:
+        assert sent[name].shape == entries[name].shape
+    assert not QKV_PROJ & set(method.global_state)  # the targets come only from the hypernetwork
+    # Different clients get different generated weights (different embeddings).
+    assert not torch.equal(sent["blocks.0.attn.qkv.weight"], method.broadcast(0)["blocks.0.attn.qkv.weight"])
+
+
+def test_generated_weights_start_at_the_models_initial_scale():
+    sim = small_sim()
+    # The engine seeds the global RNG before building; rebuild to read the initial targets.
+    torch.manual_seed(sim.seeds["init"])
+    model = build_model(sim.cfg.model, image_size=sim.data.image_size, in_chans=sim.data.in_chans,
+                        num_classes=sim.data.num_classes)
+    initial = torch.cat([model.state_dict()[n].flatten() for n in sorted(QKV_PROJ)])
+    model_rms = initial.square().mean().sqrt()
+    generated = torch.cat([
+        torch.cat([sim.method.broadcast(c)[n].flatten() for n in sorted(QKV_PROJ)])
+        for c in range(sim.data.num_clients)
+    ])
+    assert torch.allclose(generated.square().mean().sqrt(), model_rms, rtol=1e-4)
+    # The generator's input is normalized: E ||h * c_j||^2 = 1 over clients and chunks.
+    hn = sim.method.hn
+    with torch.no_grad():
+        h = hn.body(hn.embeddings.weight)
+        features = (h[:, None, :] * hn.chunk_embeddings[None]).square().sum(-1)
+    assert torch.allclose(features.mean(), torch.tensor(1.0), rtol=1e-4)
+
+
+def _explicit_gradients(hn, clients, deltas, weights):
+    """J^T delta from the full Jacobian (torch.func.jacrev), built per client and summed by hand."""
+    names = [n for n, _ in hn.named_parameters()]
+    params = {n: p.detach() for n, p in hn.named_parameters()}
+    total = sum(weights)
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    for client, delta, weight in zip(clients, deltas, weights):
+        def flat_generated(p, client=client):
+            gen = torch.func.functional_call(hn, p, (client,))
+            return torch.cat([g.flatten() for g in gen.values()])
+
+        jac = torch.func.jacrev(flat_generated)(params)  # name -> (N, *param shape)
+        d = torch.cat([delta[n].flatten() for n in hn.shapes])
+        for name in names:
+            vjp = torch.tensordot(d, jac[name], dims=1)
+            scale = 1.0 if name == "embeddings.weight" else weight / total
+            out[name] += scale * vjp
+    return out
+
+
+def test_server_gradient_equals_the_explicit_vector_jacobian_product():
+    hn = tiny_hn()
+    gen = torch.Generator().manual_seed(1)
+    clients, weights = [0, 2], [3.0, 1.0]
+    deltas = [{n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in hn.shapes.items()} for _ in clients]
+    got = round_gradients(hn, clients, deltas, weights)
+    expected = _explicit_gradients(hn, clients, deltas, weights)
+    assert set(got) == set(expected) == {n for n, _ in hn.named_parameters()}
+    for name in got:
+        assert torch.allclose(got[name], expected[name], atol=1e-12), name
+    # Only the round's clients' embedding rows receive a gradient.
+    assert torch.count_nonzero(got["embeddings.weight"][1]) == 0
+    assert torch.count_nonzero(got["embeddings.weight"][0]) > 0
+
+
+def test_server_gradient_matches_finite_differences():
+    hn = tiny_hn()
+    gen = torch.Generator().manual_seed(2)
+    clients, weights = [1, 2], [2.0, 5.0]
+    deltas = [{n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in hn.shapes.items()} for _ in clients]
+    grads = round_gradients(hn, clients, deltas, weights)
+    total = sum(weights)
+
+    def objective(shared_scale: bool) -> float:
+        # <generated, delta>, weighted like the server weights each part.
+        with torch.no_grad():
+            value = 0.0
+            for c, d, w in zip(clients, deltas, weights):
+                g = hn(c)
+                value += (w / total if shared_scale else 1.0) * sum(float((g[n] * d[n]).sum()) for n in g)
+            return value
+
+    eps = 1e-6
+    params = dict(hn.named_parameters())
+    for name, param in params.items():
+        direction = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+        shared_scale = name != "embeddings.weight"
+        with torch.no_grad():
+            param.add_(direction, alpha=eps)
+            plus = objective(shared_scale)
+            param.sub_(direction, alpha=2 * eps)
+            minus = objective(shared_scale)
+            param.add_(direction, alpha=eps)
+        numeric = (plus - minus) / (2 * eps)
+        analytic = float((grads[name] * direction).sum())
+        assert math.isclose(numeric, analytic, rel_tol=1e-6, abs_tol=1e-8), name
+
+
+def test_hypernetwork_grows_only_by_chunk_embeddings():
+    small = small_sim()
+    large = small_sim("method.target=blocks.*.attn.qkv.weight,blocks.*.attn.proj.weight,blocks.*.mlp.fc1.weight")
+    a, b = small.method.hn, large.method.hn
+    entries = small.model.state_dict()
+    extra = sum(entries[f"blocks.{i}.mlp.fc1.weight"].numel() for i in range(2))
+    assert b.num_generated == a.num_generated + extra
+    chunks = [math.ceil(n / 96) for n in (a.num_generated, b.num_generated)]
+    assert (a.num_chunks, b.num_chunks) == tuple(chunks) and chunks[1] > chunks[0]
+    hidden = 8
+    assert b.num_hypernetwork_parameters() - a.num_hypernetwork_parameters() == (chunks[1] - chunks[0]) * hidden
+    # The count reported at run start is that number, from the architecture alone.
+    embed, n_hidden, chunk = 3, 1, 96
+    body = embed * hidden + hidden + n_hidden * (hidden * hidden + hidden)
+    info = large.method.run_info()
+    assert info["hn_parameters"] == body + hidden * chunk + chunk + chunks[1] * hidden
+    assert info["hn_chunks"] == chunks[1]
+    assert info["hn_client_embedding_parameters"] == embed * large.data.num_clients
+
+
+def test_untargeted_entries_are_aggregated_exactly_as_fedavg():
+    sim = small_sim()
+    updates = synthetic_updates(sim)
+    sim.method.aggregate(updates)
+    fedavg = METHODS.get("fedavg")()
+    untargeted = [n for n in sim.shared_names if n not in QKV_PROJ]
+    fedavg.server_init(sim.model, {n: updates[0].params[n] for n in untargeted}, sim.data.num_clients)
+    fedavg.aggregate([
+        ClientUpdate(u.client, u.num_samples, {n: u.sent[n] for n in untargeted}, {n: u.params[n] for n in untargeted})
+        for u in updates
+    ])
+    assert set(sim.method.global_state) == set(untargeted)
+    for name in untargeted:
+        assert torch.equal(sim.method.global_state[name], fedavg.global_state[name]), name
+    # And independently of FedAvg's code: the sample-weighted mean.
+    total = sum(u.num_samples for u in updates)
+    name = "blocks.0.attn.qkv.bias"
+    mean = sum(u.params[name] * (u.num_samples / total) for u in updates)
+    assert torch.allclose(sim.method.global_state[name], mean, atol=1e-6)
+
+
+def test_a_server_step_moves_the_generated_weights_towards_the_returned_ones():
+    sim = small_sim("method.momentum=0", "method.weight_decay=0", "method.max_grad_norm=0", "method.hn_lr=0.001")
+    updates = synthetic_updates(sim)
+    sim.method.aggregate(updates)
+    for update in updates:
+        new = sim.method.broadcast(update.client)
+        moved = sum(float(((new[n] - update.sent[n]) * (update.params[n] - update.sent[n])).sum()) for n in QKV_PROJ)
+        assert moved > 0, update.client
+
+
+def test_pc_variant_keeps_the_head_personal():
+    sim = small_sim("method.variant=pc")
+    assert set(sim.personal_names) == head_entries(sim.model)
+    assert not set(sim.personal_names) & set(sim.method.broadcast(0))
+    assert set(small_sim().personal_names) == set()
+    with pytest.raises(UserError, match="method.target"):
+        small_sim("method.variant=pc", "method.target=head.weight")
+
+
+def test_novel_clients_are_never_trained_and_never_update_the_hypernetwork():
+    sim = small_sim("method.novel_clients=1", "train.sample_fraction=0.67", "method.novel_rounds=2")
+    novel = sim.held_out
+    assert len(novel) == 1 and novel == sim.method.novel
+    rounds = recorded_updates(sim)
+    snapshots = {}
+    fit = sim.method.fit_held_out
+
+    def fit_and_snapshot(clients, train_client):
+        snapshots["before"] = {k: v.clone() for k, v in sim.method.hn.state_dict().items()}
+        fit(clients, train_client)
+        snapshots["after"] = {k: v.clone() for k, v in sim.method.hn.state_dict().items()}
+
+    sim.method.fit_held_out = fit_and_snapshot
+    result = sim.run()
+    assert len(rounds) == 2 and all(u.client not in novel for r in rounds for u in r)
+    before, after = snapshots["before"], snapshots["after"]
+    for name in before:
+        if name != "embeddings.weight":
+            assert torch.equal(before[name], after[name]), name
+    others = [c for c in range(sim.data.num_clients) if c not in novel]
+    assert torch.equal(before["embeddings.weight"][others], after["embeddings.weight"][others])
+    assert not torch.equal(before["embeddings.weight"][novel], after["embeddings.weight"][novel])
+    # The round metrics leave the novel client out; its own accuracy is reported apart.
+    assert all(result.final.test_count[c] == 0 for c in novel)
+    assert all(result.held_out.test_count[c] > 0 for c in novel)
+    assert 0 <= result.held_out_metrics["novel_test_acc_mean"] <= 1
+
+
+def test_novel_clients_must_leave_some_to_train():
+    with pytest.raises(UserError, match="method.novel_clients"):
+        small_sim("method.novel_clients=4")
+
+
+def test_a_seed_fixes_the_run():
+    def run(seed):
+        sim = small_sim("method.novel_clients=1", "method.novel_rounds=1", "train.rounds=1", seed=seed)
+        result = sim.run()
+        history = [{k: v for k, v in h.items() if k != "round_seconds"} for h in result.history]
+        return history, result.held_out_metrics, sim.held_out, sim.method.hn.state_dict()
+
+    first, second, other = run(3), run(3), run(4)
+    assert first[:3] == second[:3]
+    assert all(torch.equal(first[3][k], second[3][k]) for k in first[3])
+    assert first[0] != other[0]
+
+
+def test_run_info_and_novel_accuracy_are_recorded(tracking_uri):
+    from pflbench.benchmark.tracking import RunRecorder
+
+    sim = small_sim("method.novel_clients=1", "method.novel_rounds=1", "train.rounds=1")
+    recorder = RunRecorder(tracking_uri, "t")
+    with recorder:
+        result = sim.run([recorder])
+    run = mlflow.MlflowClient(tracking_uri).get_run(recorder.run_id)
+    assert run.data.tags["pflbench.info.hn_parameters"] == str(sim.method.hn.num_hypernetwork_parameters())
+    assert run.data.metrics["novel_test_acc_mean"] == pytest.approx(result.held_out_metrics["novel_test_acc_mean"])
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("variant", "xx"), ("chunk_size", "0"), ("hn_lr", "0"), ("momentum", "1"), ("novel_clients", "-1"),
+    ("target", ","),
+])
+def test_bad_options_name_the_key(key, value):
+    with pytest.raises(UserError, match=f"method.{key}"):
+        tiny_config("pfedhn", f"method.{key}={value}")
+
+
+def test_a_target_matching_nothing_names_the_key():
+    with pytest.raises(UserError, match="method.target"):
+        small_sim("method.target=blocks.*.nothing")
+
+
+class FakeTrial:
+    """Records what a search space asks for and answers with the first choice / the low end."""
+
+    def __init__(self):
+        self.asked: dict[str, tuple] = {}
+
+    def suggest_float(self, name, low, high, *, log=False):
+        self.asked[name] = ("float", low, high, log)
+        return low
+
+    def suggest_int(self, name, low, high, *, log=False):
+        self.asked[name] = ("int", low, high, log)
+        return low
+
+    def suggest_categorical(self, name, choices):
+        self.asked[name] = ("categorical", tuple(choices))
+        return choices[-1]
+
+
+def test_search_space_suggests_valid_options():
+    trial = FakeTrial()
+    space = PFedHN.search_space(trial)
+    assert set(space) == set(trial.asked) == {"method.hn_lr", "method.embed_dim", "method.hidden_dim",
+                                              "method.chunk_size"}
+    assert trial.asked["method.hn_lr"][3] is True  # a learning rate is searched on a log scale
+    cfg = resolve_config("pfedhn", "digits", preset="smoke", overrides=[f"{k}={v}" for k, v in space.items()])
+    assert cfg.method.chunk_size == space["method.chunk_size"] and cfg.method.hn_lr == space["method.hn_lr"]
