@@ -47,6 +47,10 @@ _ALLOWED = {
 }
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a callable outside the CIFAR format."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An Unpickler that resolves only the globals in `_ALLOWED`; anything else raises."""
 
@@ -54,16 +58,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+            raise RefusedGlobal(f"refusing to load {module}.{name}") from None
 
 
 def read_pickle(data: bytes, where: str) -> dict[str, Any]:
     """A CIFAR python-format pickle as a dict with str keys; a UserError names `where`."""
     try:
         obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as err:
+    except RefusedGlobal as err:
         raise UserError(f"{where} is not a CIFAR-100 python-format file ({err})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
         raise UserError(f"{where} is corrupt or truncated ({type(err).__name__}: {err}); download it again") from None
     if not isinstance(obj, dict):
         raise UserError(f"{where} is not a CIFAR-100 python-format file (holds {type(obj).__name__}, not dict)")
