@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, Mapping, NoReturn, Sequence
 
 from rich.console import Console
@@ -135,6 +136,41 @@ def _final_line(sim, result, run_id: str | None) -> str:
             f"run_id={run_id}")
 
 
+class _LoadProgress:
+    """A dataset loader's progress callback: a bar that appears once slow work (decoding) starts."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.progress: Progress | None = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=total)
+        self.progress.update(self.task, completed=done, total=total)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _load_images(cfg, quiet: bool = False):
+    """The run's dataset, with a progress bar while images are decoded (first use only)."""
+    from ..datasets import DATASETS
+
+    bar = None if quiet else _LoadProgress(f"decoding {cfg.dataset.name} images (cached afterwards)")
+    try:
+        return DATASETS.get(cfg.dataset.name).load(cfg.dataset, progress=bar)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import to_toml
 
@@ -145,11 +181,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .engine import Simulation
     from .tracking import RunRecorder, ui_command
 
+    images = _load_images(cfg, args.quiet)
     status = None if args.quiet else console.status("loading data and building the model")
     if status:
         status.start()
     try:
-        sim = Simulation(cfg)
+        sim = Simulation(cfg, images=images)
     finally:
         if status:
             status.stop()
@@ -200,9 +237,87 @@ def _add_tracking_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------
+# bench partition
+
+
+def _scheme(cfg) -> str:
+    d = cfg.data
+    if d.partition_file:
+        return f"saved partition {d.partition_file}"
+    detail = {"dirichlet": f"alpha={d.alpha}", "shards": f"classes_per_client={d.classes_per_client}",
+              "natural": f"clients_per_domain={d.clients_per_domain}, alpha={d.alpha}"}.get(d.partition, "")
+    seed = d.partition_seed if d.partition_seed >= 0 else cfg.seed
+    return f"{d.partition}({detail}), protocol={d.protocol}, seed={seed}"
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..datasets import partition_for
+    from .reports import label_skew, partition_heatmap_png
+
+    cfg = _resolve(args, "fedavg", args.dataset)
+    images = _load_images(cfg)
+    partition = partition_for(images, cfg.data, cfg.seed)
+    counts = partition.class_counts(images.labels, images.num_classes)
+    skew = label_skew(counts)
+    overall = label_skew(counts.sum(axis=0, keepdims=True))
+
+    table = Table(title=f"{cfg.dataset.name}: {partition.num_clients} clients, {_scheme(cfg)}", title_justify="left")
+    for name in ("client", "train", "val", "test", "classes", "top class share", "entropy (bits)"):
+        table.add_column(name, justify="right")
+    show_domains = images.domains is not None
+    if show_domains:
+        table.add_column("domain")
+    for c in range(partition.num_clients):
+        row = [str(c), str(len(partition.train[c])), str(len(partition.val[c])), str(len(partition.test[c])),
+               str(skew["classes"][c]), f"{skew['dominant'][c]:.2f}", f"{skew['entropy'][c]:.2f}"]
+        if show_domains:
+            held = np.concatenate([partition.train[c], partition.val[c], partition.test[c]])
+            row.append(", ".join(images.domain_names[d] for d in np.unique(images.domains[held])))
+        table.add_row(*row)
+    table.add_section()
+    sizes = {s: np.array([len(ix) for ix in getattr(partition, s)]) for s in ("train", "val", "test")}
+    for label, fn in (("mean", np.mean), ("min", np.min), ("max", np.max)):
+        row = [label, *(f"{fn(sizes[s]):.0f}" for s in ("train", "val", "test")),
+               f"{fn(skew['classes']):.1f}", f"{fn(skew['dominant']):.2f}", f"{fn(skew['entropy']):.2f}"]
+        table.add_row(*row, *([""] if show_domains else []))
+    console.print(table)
+    used = int(skew["samples"].sum())
+    console.print(
+        f"{used:,} of {len(images.labels):,} samples used; label entropy per client {skew['entropy'].mean():.2f} bits"
+        f" on average vs {overall['entropy'][0]:.2f} for the whole set (lower = more skew);"
+        f" the top class holds {skew['dominant'].mean():.0%} of a client's samples on average;"
+        f" partition hash {partition.digest()}",
+        highlight=False,
+    )
+    if args.plot:
+        path = partition_heatmap_png(counts, images.class_names, args.plot,
+                                     f"{cfg.dataset.name}: {_scheme(cfg)}")
+        console.print(f"heatmap: {path}", highlight=False)
+    if args.save:
+        try:
+            Path(args.save).write_text(partition.to_json())
+        except OSError as err:
+            raise UserError(f"cannot write {args.save}: {err.strerror}") from None
+        console.print(f"partition saved: {args.save} (reuse it with --set data.partition_file={args.save})",
+                      highlight=False)
+    return 0
+
+
+def _add_partition(sub) -> None:
+    p = sub.add_parser("partition", help="build a dataset's client partition without training and show its skew")
+    p.add_argument("--dataset", required=True, help="dataset name (`bench list`)")
+    _add_config_arguments(p)
+    p.add_argument("--plot", metavar="OUT.png", help="write a clients x classes heatmap PNG")
+    p.add_argument("--save", metavar="FILE.json", help="save the partition (reuse: --set data.partition_file=FILE)")
+    p.set_defaults(func=cmd_partition)
+
+
+# ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run]
+COMMANDS: list[Callable] = [_add_run, _add_partition]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,11 +67,14 @@ class DataConfig:
     """How the dataset is split over clients and fed to them."""
 
     partition: str = "dirichlet"  # partition scheme (`bench list`)
+    protocol: str = "pool"  # pool = official train+test pooled, then split; keep-test = official test kept as test
     alpha: float = 0.5  # Dirichlet concentration; smaller = more label skew
-    num_clients: int = 20  # number of clients
+    num_clients: int = 20  # number of clients (natural: domains x clients_per_domain)
+    classes_per_client: int = 2  # shards: the exact number of classes each client holds
+    clients_per_domain: int = 1  # natural: clients per domain, split inside it by Dirichlet(alpha)
     min_samples: int = 10  # every client gets at least this many samples
     val_fraction: float = 0.15  # share of each client's samples held out for validation
-    test_fraction: float = 0.25  # share of each client's samples held out for testing
+    test_fraction: float = 0.25  # share of each client's samples held out for testing (pool protocol)
     partition_seed: int = -1  # seed of the partition; -1 = the run's seed
     partition_file: str = ""  # reuse a saved partition (JSON artifact) exactly
     augment: bool = True  # random crop (and flip where the dataset allows) on the device
@@ -311,7 +314,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express; raises UserError naming the key."""
-    from ..datasets.partition import PARTITIONERS
+    from ..datasets.partition import PARTITIONERS, PROTOCOLS
 
     dev = cfg.device
     _require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", dev, "auto, cpu, cuda or cuda:N")
@@ -328,7 +331,10 @@ def validate(cfg: RunConfig) -> None:
     _require(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
     _require(d.partition in PARTITIONERS, "data.partition", d.partition,
              f"choose one of: {', '.join(PARTITIONERS.names())}")
+    _require(d.protocol in PROTOCOLS, "data.protocol", d.protocol, f"choose one of: {', '.join(PROTOCOLS)}")
     _require(d.alpha > 0, "data.alpha", d.alpha, "must be > 0")
+    _require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
+    _require(d.clients_per_domain >= 1, "data.clients_per_domain", d.clients_per_domain, "must be >= 1")
     _require(d.min_samples >= 0, "data.min_samples", d.min_samples, "must be >= 0")
     _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
@@ -339,9 +345,10 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = off)")
-    check = getattr(cfg.method, "validate", None)
-    if check is not None:
-        check()
+    for options in (cfg.method, cfg.dataset):  # each may check its own fields
+        check = getattr(options, "validate", None)
+        if check is not None:
+            check()
 
 
 # ---------------------------------------------------------------------------

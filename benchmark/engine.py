@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..datasets import DATASETS, FederatedData, ImageSet, Partition, make_partition
+from ..datasets import DATASETS, FederatedData, ImageSet, Partition, partition_for
 from ..methods import METHODS, ClientUpdate, Method, TrainStats
 from ..methods.aggregation import state_bytes
 from .config import RunConfig, TrainConfig
@@ -199,11 +199,7 @@ class Simulation:
 
     # -- set-up helpers ----------------------------------------------------------
     def _make_partition(self) -> Partition:
-        cfg = self.cfg
-        if cfg.data.partition_file:
-            return Partition.load(cfg.data.partition_file, len(self.images.labels))
-        seed = cfg.data.partition_seed if cfg.data.partition_seed >= 0 else cfg.seed
-        return make_partition(self.images.labels, cfg.data, seed, self.images.domains)
+        return partition_for(self.images, self.cfg.data, self.cfg.seed)
 
     def autocast(self):
         """bf16 autocast on CUDA; a no-op on the CPU."""

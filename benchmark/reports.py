@@ -61,3 +61,61 @@ def learning_curve_png(history: Sequence[dict[str, float]], path: str | Path, ti
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def label_skew(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-client label statistics of a (clients, classes) count matrix.
+
+    `entropy`: Shannon entropy of the client's label distribution in bits
+    (log2 of the class count when balanced, 0 when one class);
+    `dominant`: share of the client's most frequent class; `classes`: how
+    many classes it holds; `samples`: its sample count.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    samples = counts.sum(axis=1)
+    shares = counts / np.maximum(samples, 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(shares > 0, -shares * np.log2(shares), 0.0)
+    return {
+        "samples": samples.astype(np.int64),
+        "classes": (counts > 0).sum(axis=1),
+        "entropy": terms.sum(axis=1),
+        "dominant": shares.max(axis=1, initial=0.0),
+    }
+
+
+def partition_heatmap_png(
+    counts: np.ndarray, class_names: Sequence[str], path: str | Path, title: str
+) -> Path:
+    """A clients x classes heatmap of each client's label shares, with its sample counts beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    counts = np.asarray(counts)
+    clients, classes = counts.shape
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    width = min(4 + 0.18 * classes, 24)
+    height = min(2 + 0.22 * clients, 20)
+    fig, (heat_ax, bar_ax) = plt.subplots(
+        1, 2, figsize=(width + 2.5, height), gridspec_kw={"width_ratios": [max(classes, 4), max(classes, 4) / 4]},
+        sharey=True,
+    )
+    image = heat_ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(shares.max()), 1e-9),
+                           interpolation="nearest")
+    heat_ax.set(xlabel="class", ylabel="client")
+    if classes <= 40:
+        heat_ax.set_xticks(range(classes), [str(c) for c in class_names], rotation=90, fontsize=7)
+    if clients <= 64:
+        heat_ax.set_yticks(range(clients), [str(c) for c in range(clients)], fontsize=7)
+    fig.colorbar(image, ax=heat_ax, label="share of the client's samples", fraction=0.04, pad=0.02)
+    bar_ax.barh(range(clients), counts.sum(axis=1), color="tab:gray")
+    bar_ax.set(xlabel="samples")
+    bar_ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -46,13 +46,19 @@ class ImageSet:
         return len(self.class_names)
 
 
+# A loader reports slow preparation (decoding thousands of images) as (done, total).
+ProgressFn = Callable[[int, int], None]
+# A loader: `load(options, progress=None) -> ImageSet`; it reads (or downloads) the files.
+Loader = Callable[..., ImageSet]
+
+
 @dataclass(frozen=True)
 class DatasetEntry:
     """A registered dataset: how to load it and how to describe it."""
 
     name: str  # registry key
     description: str  # one line for `bench list`
-    load: Callable[[DatasetConfig], ImageSet]  # reads (or downloads) the files
+    load: Loader  # load(options, progress=None): reads (or downloads) the files
     Options: type[DatasetConfig] = DatasetConfig  # the `dataset.*` config section
     default_preset: str | None = None  # preset used when --preset is not given
 
@@ -66,10 +72,10 @@ def register_dataset(
     *,
     options: type[DatasetConfig] = DatasetConfig,
     default_preset: str | None = None,
-) -> Callable[[Callable[[DatasetConfig], ImageSet]], Callable[[DatasetConfig], ImageSet]]:
-    """Register a loader function under `name`."""
+) -> Callable[[Loader], Loader]:
+    """Register a loader `load(options, progress=None) -> ImageSet` under `name`."""
 
-    def wrap(load: Callable[[DatasetConfig], ImageSet]) -> Callable[[DatasetConfig], ImageSet]:
+    def wrap(load: Loader) -> Loader:
         DATASETS.add(name, DatasetEntry(name, description, load, options, default_preset))
         return load
 

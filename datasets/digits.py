@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..benchmark.config import DatasetConfig
-from .base import ImageSet, register_dataset
+from .base import ImageSet, ProgressFn, register_dataset
 
 
 @register_dataset(
@@ -13,7 +13,7 @@ from .base import ImageSet, register_dataset
     "scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes; offline)",
     default_preset="demo",
 )
-def load_digits(cfg: DatasetConfig) -> ImageSet:
+def load_digits(cfg: DatasetConfig, progress: ProgressFn | None = None) -> ImageSet:
     """All 1,797 images as uint8 (N, 8, 8, 1); pixel values 0..16 scaled to 0..255."""
     from sklearn.datasets import load_digits as sklearn_digits
 

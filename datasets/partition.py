@@ -12,13 +12,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
 from ..benchmark.config import DataConfig
 from ..benchmark.errors import UserError
 from ..benchmark.registry import Registry
+
+if TYPE_CHECKING:
+    from .base import ImageSet
+
+# data.protocol: which samples are split over clients, and where test samples come from.
+PROTOCOLS = ("pool", "keep-test")
 
 
 class Partitioner(Protocol):
@@ -93,6 +99,73 @@ def iid(labels, num_clients, rng, cfg, domains=None):
     if num_clients > len(labels):
         raise UserError(f"data.num_clients={num_clients} exceeds the {len(labels)} samples")
     return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
+
+
+@register_partitioner("shards", "pathological: each client holds exactly data.classes_per_client classes")
+def shards(labels, num_clients, rng, cfg, domains=None):
+    """Every client gets `cfg.classes_per_client` distinct classes; each class is cut into
+    equal shards, one for each client holding it.
+
+    Classes are dealt cyclically from a seeded permutation, so any run of k
+    consecutive classes is distinct and every class has the same number of
+    holders (+-1). With fewer client slots than classes, the samples of the
+    classes no client draws stay unused.
+    """
+    classes = np.unique(labels)
+    k = cfg.classes_per_client
+    if k > len(classes):
+        raise UserError(
+            f"bad value for data.classes_per_client: {k} (the dataset has only {len(classes)} classes)"
+        )
+    order = rng.permutation(classes)
+    held = [order[(c * k + np.arange(k)) % len(classes)] for c in range(num_clients)]
+    clients: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for cls in classes:
+        holders = [c for c in range(num_clients) if cls in held[c]]
+        if not holders:
+            continue
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        if len(members) < len(holders):
+            raise UserError(
+                f"class {cls} has {len(members)} samples for {len(holders)} clients holding it;"
+                " lower data.num_clients or data.classes_per_client"
+            )
+        for client, part in zip(holders, np.array_split(members, len(holders))):
+            clients[client].append(part)
+    merged = [np.sort(np.concatenate(parts)) for parts in clients]
+    smallest = min(len(m) for m in merged)
+    if smallest < cfg.min_samples:
+        raise UserError(
+            f"a shards split leaves a client {smallest} samples, below data.min_samples={cfg.min_samples};"
+            " lower data.min_samples or data.num_clients"
+        )
+    return merged
+
+
+@register_partitioner(
+    "natural", "clients are domains (Office-Home); each split into data.clients_per_domain by Dirichlet(data.alpha)"
+)
+def natural(labels, num_clients, rng, cfg, domains=None):
+    """One client per domain, or `cfg.clients_per_domain` clients per domain drawn by
+    Dirichlet(`cfg.alpha`) over that domain's labels; no client mixes domains."""
+    if domains is None:
+        raise UserError("data.partition=natural needs a dataset with domains (e.g. officehome); this one has none")
+    present = np.unique(domains)
+    per_domain = cfg.clients_per_domain
+    if num_clients != len(present) * per_domain:
+        raise UserError(
+            f"data.partition=natural makes {len(present)} domains x data.clients_per_domain={per_domain}"
+            f" = {len(present) * per_domain} clients; set data.num_clients={len(present) * per_domain}"
+        )
+    clients = []
+    for domain in present:
+        members = np.flatnonzero(domains == domain)
+        if per_domain == 1:
+            clients.append(members)
+        else:
+            parts = dirichlet_split(labels[members], per_domain, cfg.alpha, rng, cfg.min_samples)
+            clients += [members[ix] for ix in parts]
+    return clients
 
 
 # ---------------------------------------------------------------------------
@@ -174,12 +247,71 @@ def split_client(
     return np.sort(train), np.sort(val), np.sort(test)
 
 
+def distribute_like(
+    test_index: np.ndarray, labels: np.ndarray, clients: list[np.ndarray], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Deal the samples in `test_index` to clients with each client's label proportions.
+
+    Each class's test samples go to the clients in proportion to how many
+    samples of that class they hold (evenly if none holds it), so a client's
+    test set follows its own training distribution. Every test sample lands
+    in exactly one client.
+    """
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    held = np.stack([np.bincount(labels[ix], minlength=num_classes) for ix in clients]).astype(float)
+    out: list[list[np.ndarray]] = [[] for _ in clients]
+    test_labels = labels[test_index]
+    for cls in np.unique(test_labels):
+        members = rng.permutation(test_index[test_labels == cls])
+        weights = held[:, cls] if held[:, cls].sum() > 0 else np.ones(len(clients))
+        cuts = np.rint(np.cumsum(weights / weights.sum())[:-1] * len(members)).astype(int)
+        for client, part in enumerate(np.split(members, cuts)):
+            out[client].append(part)
+    return [np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64) for parts in out]
+
+
 def make_partition(
-    labels: np.ndarray, cfg: DataConfig, seed: int, domains: np.ndarray | None = None
+    labels: np.ndarray,
+    cfg: DataConfig,
+    seed: int,
+    domains: np.ndarray | None = None,
+    official_test: np.ndarray | None = None,
 ) -> Partition:
-    """The seeded partition of `labels` described by `cfg`."""
+    """The seeded partition of `labels` described by `cfg`.
+
+    `cfg.protocol == "pool"` (the FedPerfix protocol) splits every sample,
+    official test included, over clients and then each client's share into
+    train / val / test. `"keep-test"` splits only the official training
+    samples (each client's share into train / val by `cfg.val_fraction`) and
+    deals the official test set to the clients with their label proportions.
+    """
     entry = PARTITIONERS.get(cfg.partition)
     rng = np.random.default_rng(seed)
-    clients = entry.split(labels, cfg.num_clients, rng, cfg, domains)
-    splits = [split_client(ix, cfg.val_fraction, cfg.test_fraction, rng) for ix in clients]
-    return Partition(*(list(s) for s in zip(*splits)))
+    labels = np.asarray(labels, dtype=np.int64)
+    keep_test = cfg.protocol == "keep-test"
+    if keep_test:
+        if official_test is None or not np.any(official_test):
+            raise UserError(
+                "data.protocol=keep-test needs a dataset with an official test split; this one has none"
+                " (use data.protocol=pool)"
+            )
+        pool = np.flatnonzero(~np.asarray(official_test, dtype=bool))
+    else:
+        pool = np.arange(len(labels))
+    pool_domains = None if domains is None else np.asarray(domains)[pool]
+    clients = [pool[ix] for ix in entry.split(labels[pool], cfg.num_clients, rng, cfg, pool_domains)]
+    test_fraction = 0.0 if keep_test else cfg.test_fraction
+    splits = [split_client(ix, cfg.val_fraction, test_fraction, rng) for ix in clients]
+    train, val, test = (list(s) for s in zip(*splits))
+    if keep_test:
+        test = distribute_like(np.flatnonzero(official_test), labels, clients, rng)
+    return Partition(train, val, test)
+
+
+def partition_for(images: ImageSet, cfg: DataConfig, seed: int) -> Partition:
+    """The partition a run uses: the saved one in `cfg.partition_file`, else a fresh
+    seeded one (seed `cfg.partition_seed`, or the run's `seed` when that is -1)."""
+    if cfg.partition_file:
+        return Partition.load(cfg.partition_file, len(images.labels))
+    seed = cfg.partition_seed if cfg.partition_seed >= 0 else seed
+    return make_partition(images.labels, cfg, seed, images.domains, images.official_test)
