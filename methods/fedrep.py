@@ -25,7 +25,9 @@ class FedRepOptions(MethodConfig):
         if self.head_epochs < 0:
             raise UserError(f"bad value for method.head_epochs: {self.head_epochs} (must be >= 0)")
         if self.body_epochs < 0:
-            raise UserError(f"bad value for method.body_epochs: {self.body_epochs} (must be >= 0; 0 = train.local_epochs)")
+            raise UserError(
+                f"bad value for method.body_epochs: {self.body_epochs} (must be >= 0; 0 = train.local_epochs)"
+            )
 
 
 def _head_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,8 @@ def _head_bytes(sim: Simulation) -> int:
 
 
 def test_bytes_up_drop_by_exactly_the_personal_bytes():
-    sims = {m: Simulation(tiny_config(m, "train.rounds=1", *PERSONAL.get(m, []))) for m in ("fedavg", "fedper", "fedperfix")}
+    sims = {m: Simulation(tiny_config(m, "train.rounds=1", *PERSONAL.get(m, [])))
+            for m in ("fedavg", "fedper", "fedperfix")}
     up = {m: sim.run().history[-1]["bytes_up"] for m, sim in sims.items()}
     clients = sims["fedavg"].data.num_clients
     for m, sim in sims.items():
@@ -110,7 +111,9 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
     def spy(ctx, model, params, epochs, forward=None):
         params = list(params)
         grads_seen: set[str] = set()
-        hooks = [p.register_hook(lambda g, n=n: grads_seen.add(n)) for n, p in model.named_parameters() if p.requires_grad]
+        # A frozen parameter takes no hook: it cannot receive a gradient at all.
+        hooks = [p.register_hook(lambda g, n=n: grads_seen.add(n))
+                 for n, p in model.named_parameters() if p.requires_grad]
         before = copy.deepcopy(model.state_dict())
         try:
             stats = original(ctx, model, params, epochs, forward)
@@ -127,7 +130,9 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
     assert len(calls) == 2 * sim.data.num_clients
     head_names = {names[i] for i in head}
     body_names = set(names.values()) - head_names
-    for (h_ids, h_epochs, h_changed, h_grads, h_n), (b_ids, b_epochs, b_changed, b_grads, b_n) in zip(calls[::2], calls[1::2]):
+    for head_call, body_call in zip(calls[::2], calls[1::2]):
+        h_ids, h_epochs, h_changed, h_grads, h_n = head_call
+        b_ids, b_epochs, b_changed, b_grads, b_n = body_call
         # Head phase: only the head is optimized, no gradient reaches the body, the body is bit-identical.
         assert h_ids == head and h_epochs == 2
         assert h_grads == head_names and h_changed == head_names
