@@ -313,11 +313,66 @@ def _add_partition(sub) -> None:
     p.add_argument("--save", metavar="FILE.json", help="save the partition (reuse: --set data.partition_file=FILE)")
     p.set_defaults(func=cmd_partition)
 
+# bench sensitivity
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .sensitivity import run_sensitivity
+    from .tracking import ui_command, default_tracking_uri
+
+    progress: list[_RichProgress] = []
+
+    def callbacks(part, cfg):
+        if args.quiet:
+            return ()
+        progress.append(_RichProgress(cfg.train.rounds, f"{part.label}"))
+        return (progress[-1],)
+
+    try:
+        study = run_sensitivity(
+            args.dataset, preset=args.preset, config_file=args.config, overrides=args.overrides, seed=args.seed,
+            device=args.device, data_root=args.data_root, tracking_uri=args.tracking_uri,
+            experiment=args.experiment, out_dir=args.out, callbacks=callbacks,
+        )
+    finally:
+        for bar in progress:
+            bar.stop()
+    if not args.quiet:
+        table = Table(title=f"where to personalize: {study.dataset}, seed {study.seed} (personalized test accuracy)",
+                      title_justify="left")
+        for column, justify in (("part", "left"), ("group", "left"), ("personal params", "right"),
+                                ("test_acc_mean", "right"), ("vs FedAvg", "right")):
+            table.add_column(column, justify=justify)
+        for row in study.rows():
+            delta = "" if row["group"] == "baseline" else f"{row['delta_vs_fedavg']:+.4f}"
+            table.add_row(str(row["part"]), str(row["group"]), f"{row['personal_parameters']:,}",
+                          f"{row['test_acc_mean']:.4f}", delta)
+        console.print(table)
+        for kind, path in study.files.items():
+            console.print(f"{kind}: {path}")
+        uri = args.tracking_uri or default_tracking_uri()
+        console.print(f"MLflow parent run [bold]{study.parent_run_id}[/] in experiment '{args.experiment}'")
+        console.print(f"view it: [bold]{ui_command(uri)}[/]", soft_wrap=True)
+    best = max(study.results[1:], key=lambda r: r.test_acc_mean)
+    print(f"sensitivity {study.dataset} seed={study.seed} fedavg={study.baseline.test_acc_mean:.4f} "
+          f"best={best.part.label!r}:{best.test_acc_mean:.4f} parent_run_id={study.parent_run_id}")
+    return 0
+
+
+def _add_sensitivity(sub) -> None:
+    p = sub.add_parser("sensitivity", help="personalize one layer type or block at a time and compare with FedAvg")
+    p.add_argument("--dataset", required=True, help="dataset name (`bench list`)")
+    _add_config_arguments(p)
+    _add_tracking_arguments(p)
+    p.add_argument("--out", default=".", metavar="DIR", help="folder for the table (CSV) and bar chart (PNG)")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_sensitivity)
+
 
 # ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run, _add_partition]
+COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,6 +88,24 @@ def partition_heatmap_png(
     counts: np.ndarray, class_names: Sequence[str], path: str | Path, title: str
 ) -> Path:
     """A clients x classes heatmap of each client's label shares, with its sample counts beside it."""
+
+def sensitivity_csv(rows: Sequence[dict[str, object]]) -> str:
+    """The sensitivity table: one row per personalized part (keys of the first row are the columns)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    out = io.StringIO()
+    out.write(",".join(columns) + "\n")
+    for row in rows:
+        out.write(",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in (row[c] for c in columns)) + "\n")
+    return out.getvalue()
+
+
+def sensitivity_png(
+    labels: Sequence[str], accuracies: Sequence[float], groups: Sequence[str], baseline: float,
+    path: str | Path, title: str,
+) -> Path:
+    """Personalized accuracy of each part as a bar, one colour per group, FedAvg as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,6 +133,20 @@ def partition_heatmap_png(
     bar_ax.set(xlabel="samples")
     bar_ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
+
+    palette = plt.get_cmap("tab10")
+    order = list(dict.fromkeys(groups))
+    colors = [palette(order.index(g) % 10) for g in groups]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(labels) + 2), 3.8))
+    bars = ax.bar(range(len(labels)), accuracies, color=colors)
+    ax.bar_label(bars, labels=[f"{a:.3f}" for a in accuracies], fontsize=7, padding=2)
+    ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"FedAvg {baseline:.3f}")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set(ylabel="personalized test accuracy", ylim=(0, 1), title=title)
+    for group in order:
+        ax.bar([0], [0], width=0, color=palette(order.index(group) % 10), label=group)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

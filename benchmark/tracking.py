@@ -178,16 +178,61 @@ class RunRecorder(Callback):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.run_id is None:
-            return
-        if exc_type is None:
-            status = "FINISHED"
-        elif issubclass(exc_type, KeyboardInterrupt):
-            status = "KILLED"
-        else:
-            status = "FAILED"
-            self.set_tags({TAG_PREFIX + "error": f"{exc_type.__name__}: {exc}"[:5000]})
-        self.client.set_terminated(self.run_id, status=status)
+        if self.run_id is not None:
+            _end_run(self.client, self.run_id, exc_type, exc)
+
+
+def _end_run(client: MlflowClient, run_id: str, exc_type, exc) -> None:
+    """End a run FINISHED, FAILED (an exception, recorded as a tag) or KILLED (Ctrl-C)."""
+    if exc_type is None:
+        status = "FINISHED"
+    elif issubclass(exc_type, KeyboardInterrupt):
+        status = "KILLED"
+    else:
+        status = "FAILED"
+        client.set_tag(run_id, TAG_PREFIX + "error", f"{exc_type.__name__}: {exc}"[:5000])
+    client.set_terminated(run_id, status=status)
+
+
+class ParentRun:
+    """An MLflow run that groups a study's runs (pass its `run_id` as a `RunRecorder`'s parent).
+
+    Used as a context manager it is created on entry and ended like a `RunRecorder`.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, *,
+                 run_name: str, stage: str, tags: Mapping[str, Any] | None = None,
+                 params: Mapping[str, Any] | None = None):
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = {TAG_PREFIX + "stage": stage, TAG_PREFIX + "version": pflbench_version(),
+                     TAG_PREFIX + "git_commit": git_commit()} | {k: str(v) for k, v in (tags or {}).items()}
+        self.params = dict(params or {})
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.run_id: str | None = None
+
+    def __enter__(self) -> ParentRun:
+        exp_id = _experiment_id(self.client, self.experiment, self.tracking_uri)
+        self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
+        if self.params:
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in self.params.items()])
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.run_id is not None:
+            _end_run(self.client, self.run_id, exc_type, exc)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log finite metrics at `step`."""
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path) -> None:
+        """Attach a local file to the run."""
+        self.client.log_artifact(self.run_id, str(path))
 
 
 def search_runs(tracking_uri: str | None = None, experiments: list[str] | None = None,
@@ -199,4 +244,4 @@ def search_runs(tracking_uri: str | None = None, experiments: list[str] | None =
     return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string)
 
 
-__all__ = ["METRIC_NAMES", "RunRecorder", "default_tracking_uri", "search_runs", "ui_command"]
+__all__ = ["METRIC_NAMES", "ParentRun", "RunRecorder", "default_tracking_uri", "search_runs", "ui_command"]

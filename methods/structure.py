@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+from typing import Iterable
+
 from torch import nn
+
+from .base import Method
 
 # Normalization layers by type: a ViT's LayerNorm, a CNN's BatchNorm, and kin.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -35,3 +40,56 @@ def norm_entries(model: nn.Module) -> set[str]:
     """State entries of every normalization layer, chosen by module type."""
     norms = [m for m in model.modules() if isinstance(m, NORM_TYPES)]
     return entries_under(model, module_names(model, norms))
+
+
+def block_entries(model: nn.Module, indices: Iterable[int]) -> set[str]:
+    """State entries of the transformer blocks `model.blocks[i]` for each i in `indices`."""
+    blocks = transformer_blocks(model)
+    return entries_under(model, module_names(model, [blocks[i] for i in indices]))
+
+
+def transformer_blocks(model: nn.Module) -> nn.Sequential:
+    """timm's block stack (`model.blocks`) of a Vision Transformer."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise ValueError("the model has no transformer blocks (model.blocks)")
+    return blocks
+
+
+def layer_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """A ViT's parts by layer type, each a list of modules found through timm's structure.
+
+    "patch embedding" is `patch_embed` (the class token and position embedding are
+    parameters of the model itself and are listed by `embedding_parameters`).
+    """
+    blocks = transformer_blocks(model)
+    return {
+        "patch embedding": [model.patch_embed],
+        "attention": [b.attn for b in blocks],
+        "mlp": [b.mlp for b in blocks],
+        "normalization": [m for m in model.modules() if isinstance(m, NORM_TYPES)],
+        "head": [model.get_classifier()],
+    }
+
+
+def embedding_parameters(model: nn.Module) -> list[str]:
+    """Parameters held directly by the model (a ViT's class token and position embedding)."""
+    return [name for name, _ in model.named_parameters(recurse=False)]
+
+
+class PersonalByStructure(Method):
+    """A method whose personal entries are one set computed from the model's structure.
+
+    Subclasses implement `personal_entries`; `is_personal` computes it once per model.
+    """
+
+    _cache: tuple[weakref.ref, frozenset[str]] | None = None
+
+    def personal_entries(self, model: nn.Module) -> set[str]:
+        """Names of the state entries of `model` that never leave the client."""
+        raise NotImplementedError
+
+    def is_personal(self, name: str, model: nn.Module) -> bool:
+        if self._cache is None or self._cache[0]() is not model:
+            self._cache = (weakref.ref(model), frozenset(self.personal_entries(model)))
+        return name in self._cache[1]

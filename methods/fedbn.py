@@ -1,0 +1,17 @@
+"""FedBN: normalization layers stay on the client."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import register
+from .structure import PersonalByStructure, norm_entries
+
+
+@register("fedbn")
+class FedBN(PersonalByStructure):
+    """FedBN (Li et al., ICLR 2021): every normalization layer (LayerNorm in a ViT) is personal."""
+
+    def personal_entries(self, model: nn.Module) -> set[str]:
+        # By module type: matching "bn" in names would find nothing in a ViT.
+        return norm_entries(model)

@@ -1,0 +1,42 @@
+"""Partial personalization: any set of state entries, chosen by glob patterns, stays on the client."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..benchmark.config import MethodConfig
+from ..benchmark.errors import UserError
+from .base import register
+from .structure import PersonalByStructure
+
+
+@dataclass
+class PartialOptions(MethodConfig):
+    """Which state entries are personal."""
+
+    personal: list[str] = field(default_factory=list)  # glob patterns over entry names, e.g. blocks.*.attn.*,head.*
+
+    def validate(self) -> None:
+        if not self.personal:
+            raise UserError("method.personal is empty; give glob patterns, e.g. --set method.personal='head.*'")
+
+
+@register("partial")
+class Partial(PersonalByStructure):
+    """Partial personalization (Pillutla et al., ICML 2022): the entries matching `method.personal` stay personal."""
+
+    Options = PartialOptions
+
+    def personal_entries(self, model: nn.Module) -> set[str]:
+        names = list(model.state_dict(keep_vars=True))
+        chosen: set[str] = set()
+        for pattern in self.options.personal:
+            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]  # `*` also crosses dots
+            if not matched:
+                shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise UserError(f"method.personal pattern {pattern!r} matches no parameter; names look like: {shown}")
+            chosen.update(matched)
+        return chosen
