@@ -88,24 +88,6 @@ def partition_heatmap_png(
     counts: np.ndarray, class_names: Sequence[str], path: str | Path, title: str
 ) -> Path:
     """A clients x classes heatmap of each client's label shares, with its sample counts beside it."""
-
-def sensitivity_csv(rows: Sequence[dict[str, object]]) -> str:
-    """The sensitivity table: one row per personalized part (keys of the first row are the columns)."""
-    if not rows:
-        return ""
-    columns = list(rows[0])
-    out = io.StringIO()
-    out.write(",".join(columns) + "\n")
-    for row in rows:
-        out.write(",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in (row[c] for c in columns)) + "\n")
-    return out.getvalue()
-
-
-def sensitivity_png(
-    labels: Sequence[str], accuracies: Sequence[float], groups: Sequence[str], baseline: float,
-    path: str | Path, title: str,
-) -> Path:
-    """Personalized accuracy of each part as a bar, one colour per group, FedAvg as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +115,36 @@ def sensitivity_png(
     bar_ax.set(xlabel="samples")
     bar_ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
+
+
+def sensitivity_csv(rows: Sequence[dict[str, object]]) -> str:
+    """The sensitivity table: one row per personalized part (keys of the first row are the columns)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    out = io.StringIO()
+    out.write(",".join(columns) + "\n")
+    for row in rows:
+        out.write(",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in (row[c] for c in columns)) + "\n")
+    return out.getvalue()
+
+
+def sensitivity_png(
+    labels: Sequence[str], accuracies: Sequence[float], groups: Sequence[str], baseline: float,
+    path: str | Path, title: str,
+) -> Path:
+    """Personalized accuracy of each part as a bar, one colour per group, FedAvg as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     palette = plt.get_cmap("tab10")
     order = list(dict.fromkeys(groups))
     colors = [palette(order.index(g) % 10) for g in groups]
