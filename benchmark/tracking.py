@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import config_hash, flatten, to_toml
@@ -82,7 +83,14 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
         # Next to the database, not wherever the process happens to run.
         db = Path(tracking_uri[len("sqlite:///"):])
         artifact_location = (db.parent / "mlruns").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        # Another worker created it between our lookup and our create.
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 class RunRecorder(Callback):

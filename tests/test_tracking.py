@@ -72,3 +72,20 @@ def test_a_crashed_or_interrupted_run_is_ended_not_left_running(tracking_uri, ex
     client, run = _only_run(tracking_uri)
     assert run.info.status == status
     assert len(client.get_metric_history(run.info.run_id, "test_acc_mean")) == 1  # what was logged stays
+
+
+def test_experiment_created_by_another_worker_meanwhile_is_reused(tracking_uri, monkeypatch):
+    from pflbench.benchmark import tracking
+
+    client = MlflowClient(tracking_uri)
+    existing = client.create_experiment("shared")
+    real_get = client.get_experiment_by_name
+    calls = []
+
+    def racy_get(name):  # the first lookup misses: the other worker creates it right after
+        calls.append(name)
+        return None if len(calls) == 1 else real_get(name)
+
+    monkeypatch.setattr(client, "get_experiment_by_name", racy_get)
+    assert tracking._experiment_id(client, "shared", tracking_uri) == existing
+    assert len(calls) == 2
