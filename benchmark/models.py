@@ -52,6 +52,9 @@ def _timm_vit(cfg: ModelConfig, *, image_size: int, in_chans: int, num_classes: 
         model = timm.create_model(
             cfg.name, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=in_chans, img_size=image_size
         )
+    except TypeError:
+        # Only ViTs take img_size; any other architecture lands here.
+        raise UserError(f"model.name {cfg.name!r} is not a Vision Transformer") from None
     except (OSError, RuntimeError, ValueError) as err:
         if not cfg.pretrained:
             raise

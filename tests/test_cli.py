@@ -72,3 +72,13 @@ def test_list_shows_methods_datasets_presets(capsys):
     assert code == 0
     for name in ("fedavg", "local", "digits", "smoke", "demo", "dirichlet"):
         assert name in out
+
+
+def test_run_shows_results_table_run_id_and_the_ui_command(capsys, tracking_uri):
+    args = ["run", "--method", "local", "--dataset", "digits", "--preset", "smoke", "--device", "cpu"]
+    for s in TINY:
+        args += ["--set", s]
+    code, out, _ = _run(capsys, *args)
+    assert code == 0
+    for fragment in ("test_acc_mean", "bytes_up per round", "MLflow run", f"mlflow ui --backend-store-uri {tracking_uri}"):
+        assert fragment in out, fragment
