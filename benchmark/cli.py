@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -370,9 +371,59 @@ def _add_sensitivity(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# bench perf
+
+
+def cmd_perf_overhead(args: argparse.Namespace) -> int:
+    import torch
+
+    from .perf.overhead import measure
+
+    torch.set_num_threads(args.threads)
+
+    def show(i: int, result) -> None:
+        if not args.quiet:
+            console.print(f"repeat {i + 1}: engine {result.engine[-1]:8.1f} samples/s   tight loop"
+                          f" {result.tight[-1]:8.1f} samples/s   ({result.samples} samples)", highlight=False)
+
+    result = measure(clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
+                     data_root=args.data_root, device=args.device, overrides=args.overrides, on_repeat=show)
+    table = Table(title=f"engine overhead: FedAvg with {result.clients} clients vs a tight loop", title_justify="left")
+    for column in ("", "samples/s (median)", "per repeat", "optimizer steps"):
+        table.add_column(column, justify="right" if column else "left")
+    table.add_row("engine", f"{statistics.median(result.engine):.1f}", ", ".join(f"{r:.1f}" for r in result.engine),
+                  str(result.engine_steps))
+    table.add_row("tight loop", f"{statistics.median(result.tight):.1f}", ", ".join(f"{r:.1f}" for r in result.tight),
+                  str(result.tight_steps))
+    table.caption = "each client ends its epoch on a partial batch: more, smaller steps for the same samples"
+    if not args.quiet:
+        console.print(table)
+    ratios = ", ".join(f"{e / t:.3f}" for e, t in zip(result.engine, result.tight))
+    print(f"ratio engine / tight loop: {result.ratio:.3f} (per repeat: {ratios})")
+    return 0
+
+
+def _add_perf(sub) -> None:
+    p = sub.add_parser("perf", help="benchmarks of the engine itself (not tests)")
+    perf = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_Parser)
+    o = perf.add_parser("overhead", help="samples/s through the engine vs a tight training loop, and their ratio")
+    o.add_argument("--dataset", default="digits", help="dataset name (default digits, bundled)")
+    o.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
+    o.add_argument("--clients", type=int, default=4, help="FedAvg clients, all trained every round (default 4)")
+    o.add_argument("--rounds", type=int, default=3, help="timed rounds = tight-loop epochs (default 3)")
+    o.add_argument("--repeats", type=int, default=3, help="alternating repeats; medians are reported (default 3)")
+    o.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    o.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    o.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting of the benchmarked run")
+    o.add_argument("--quiet", action="store_true", help="print only the ratio line")
+    o.set_defaults(func=cmd_perf_overhead)
+
+
+# ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity]
+COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf]
 
 
 def build_parser() -> argparse.ArgumentParser:

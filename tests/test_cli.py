@@ -82,3 +82,13 @@ def test_run_shows_results_table_run_id_and_the_ui_command(capsys, tracking_uri)
     assert code == 0
     for fragment in ("test_acc_mean", "bytes_up per round", "MLflow run", f"mlflow ui --backend-store-uri {tracking_uri}"):
         assert fragment in out, fragment
+
+
+def test_perf_overhead_reports_both_rates_and_their_ratio(capsys):
+    code, out, _ = _run(capsys, "perf", "overhead", "--clients", "2", "--rounds", "1", "--repeats", "1",
+                        "--threads", "1", "--set", "model.embed_dim=16", "--set", "model.depth=1",
+                        "--set", "model.patch_size=4")
+    assert code == 0
+    assert "engine" in out and "tight loop" in out
+    ratio = float(out.strip().splitlines()[-1].split("ratio engine / tight loop: ")[1].split()[0])
+    assert 0 < ratio < 10

@@ -8,17 +8,18 @@ number of passes, without augmentation or evaluation:
 (b) a tight loop: the union of the clients' training samples, normalized
     once up front, shuffled each epoch, batch after batch.
 
-Prints samples/s of each and the ratio (a)/(b), each the median of
-`--repeats` alternating runs. The target is >= 0.95.
+`bench perf overhead` prints samples/s of each and the ratio (a)/(b),
+each the median of `--repeats` alternating runs. The target is >= 0.95.
 
-    python -m pflbench.benchmark.perf.overhead [--clients 4] [--rounds 3] [--dataset digits]
+    bench perf overhead [--clients 4] [--rounds 3] [--dataset digits]
+    python -m pflbench.benchmark.perf.overhead [same options]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,44 +66,54 @@ def _tight(cfg, epochs: int) -> tuple[float, int, int]:
     return samples / (time.perf_counter() - start), samples, epochs * _steps([len(index)], bs)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (one untimed evaluation round is added)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+@dataclass
+class OverheadResult:
+    """Samples/s of each side per repeat, and the optimizer steps each took."""
+
+    clients: int
+    engine: list[float] = field(default_factory=list)  # engine samples/s, one per repeat
+    tight: list[float] = field(default_factory=list)  # tight-loop samples/s, one per repeat
+    samples: int = 0  # samples trained by each side per repeat
+    engine_steps: int = 0  # optimizer steps of the engine per repeat
+    tight_steps: int = 0  # optimizer steps of the tight loop per repeat
+
+    @property
+    def ratio(self) -> float:
+        """Median engine rate over median tight-loop rate."""
+        return statistics.median(self.engine) / statistics.median(self.tight)
+
+
+def measure(
+    *, clients: int = 4, rounds: int = 3, repeats: int = 3, dataset: str = "digits", data_root: str | None = None,
+    device: str = "cpu", overrides: list[str] | None = None, on_repeat=None,
+) -> OverheadResult:
+    """Alternate engine and tight-loop runs `repeats` times; `on_repeat(i, result)` after each pair."""
     # ViT 96 wide x 4 deep, batch 64, plain SGD: the setting of DESIGN.md's performance target.
-    overrides = [
+    settings = [
         "model.embed_dim=96", "model.depth=4", "model.num_heads=4", "model.patch_size=2",
-        "data.partition=iid", f"data.num_clients={args.clients}", "data.augment=false",
+        "data.partition=iid", f"data.num_clients={clients}", "data.augment=false",
         "train.batch_size=64", "train.lr=0.01", "train.momentum=0.0", "train.sample_fraction=1.0",
-        f"train.rounds={args.rounds + 1}", f"train.eval_every={args.rounds + 1}", "train.local_epochs=1",
-        *args.overrides,
+        f"train.rounds={rounds + 1}", f"train.eval_every={rounds + 1}", "train.local_epochs=1",
+        *(overrides or []),
     ]
-    cfg = resolve_config("fedavg", args.dataset, preset="smoke", overrides=overrides, device=args.device,
-                         data_root=args.data_root)
-    engine, tight = [], []
-    for i in range(args.repeats):
-        rate, n, steps = _engine(cfg)
-        engine.append(rate)
-        rate_t, n_t, steps_t = _tight(cfg, args.rounds)
-        tight.append(rate_t)
-        assert n == n_t, "both sides must train the same number of samples"
-        print(f"repeat {i + 1}: engine {rate:8.1f} samples/s   tight loop {rate_t:8.1f} samples/s   ({n} samples)")
-    a, b = statistics.median(engine), statistics.median(tight)
-    ratios = [e / t for e, t in zip(engine, tight)]
-    print(f"engine (FedAvg, {args.clients} clients): {a:.1f} samples/s (median of {args.repeats})")
-    print(f"tight loop:                   {b:.1f} samples/s (median of {args.repeats})")
-    print(f"ratio engine / tight loop:    {a / b:.3f}  (per-repeat ratios: {', '.join(f'{r:.3f}' for r in ratios)})")
-    # Each client ends its epoch on a partial batch, so the engine takes more (smaller) steps.
-    print(f"optimizer steps: engine {steps}, tight loop {steps_t} (batch {cfg.train.batch_size})")
+    cfg = resolve_config("fedavg", dataset, preset="smoke", overrides=settings, device=device, data_root=data_root)
+    result = OverheadResult(clients)
+    for i in range(repeats):
+        rate, n, result.engine_steps = _engine(cfg)
+        rate_t, n_t, result.tight_steps = _tight(cfg, rounds)
+        if n != n_t:
+            raise RuntimeError("both sides must train the same number of samples")
+        result.engine.append(rate)
+        result.tight.append(rate_t)
+        result.samples = n
+        if on_repeat is not None:
+            on_repeat(i, result)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..cli import main
+
+    sys.exit(main(["perf", "overhead", *sys.argv[1:]]))
