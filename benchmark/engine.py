@@ -271,19 +271,20 @@ class Simulation:
         r = self.round_index
         selected = self.sample_clients()
         updates: list[ClientUpdate] = []
-        loss_sum, loss_samples, bytes_up, bytes_down = 0.0, 0, 0, 0
+        loss_sum = torch.zeros((), device=self.device)
+        loss_samples, bytes_up, bytes_down = 0, 0, 0
         for done, client in enumerate(selected, 1):
             update, stats = self.train_client(client, r)
             bytes_down += state_bytes(update.sent)
             bytes_up += state_bytes(update.params)
-            loss_sum += float(stats.loss_sum)
+            loss_sum += stats.loss_sum  # already checked finite by train_client
             loss_samples += stats.samples
             updates.append(update)
             for cb in callbacks:
                 cb.on_progress(r, done, len(selected))
         self.method.aggregate(updates)
         metrics: dict[str, float] = {
-            "train_loss": loss_sum / max(loss_samples, 1),
+            "train_loss": float(loss_sum) / max(loss_samples, 1),
             "bytes_up": float(bytes_up),
             "bytes_down": float(bytes_down),
             "clients": float(len(selected)),
