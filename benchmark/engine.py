@@ -179,8 +179,8 @@ class Simulation:
 
         # Parameters and persistent buffers, by name, as the live tensors of the model.
         self._entries: dict[str, torch.Tensor] = dict(self.model.state_dict(keep_vars=True))
-        self.personal_names = [n for n in self._entries if self.method.is_personal(n, self.model)]
-        personal = set(self.personal_names)
+        personal = self.method.personal_entries(self.model)
+        self.personal_names = [n for n in self._entries if n in personal]
         self.shared_names = [n for n in self._entries if n not in personal]
         self._initial_personal = {n: self._entries[n].detach().clone() for n in self.personal_names}
         self._personal: dict[int, dict[str, torch.Tensor]] = {}

@@ -3,7 +3,7 @@
 A method answers three questions, and a subclass answers only those where it
 differs from FedAvg (the base behaviour here):
 
-1. Which parameters are personal?  `is_personal`
+1. Which parameters are personal?  `personal_entries` (or, name by name, `is_personal`)
 2. How does a client train?        `local_update`
 3. What does the server compute?   `server_init`, `broadcast`, `aggregate`
 
@@ -121,6 +121,14 @@ class Method:
     def is_personal(self, name: str, model: nn.Module) -> bool:
         """True if the state entry `name` of `model` never leaves the client."""
         return False
+
+    def personal_entries(self, model: nn.Module) -> set[str]:
+        """Every state entry of `model` that never leaves the client; the engine asks once per run.
+
+        Override this when the set comes from the model's structure (the head,
+        the norm layers); override `is_personal` for a rule on one name.
+        """
+        return {n for n in model.state_dict(keep_vars=True) if self.is_personal(n, model)}
 
     # -- 2. how a client trains ----------------------------------------------
     def local_update(self, model: nn.Module, ctx: LocalContext) -> TrainStats:

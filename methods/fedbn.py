@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import register
-from .structure import PersonalByStructure, norm_entries
+from .base import Method, register
+from .structure import norm_entries
 
 
 @register("fedbn")
-class FedBN(PersonalByStructure):
+class FedBN(Method):
     """FedBN (Li et al., ICLR 2021): every normalization layer (LayerNorm in a ViT) is personal."""
 
     def personal_entries(self, model: nn.Module) -> set[str]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import register
-from .structure import PersonalByStructure, head_entries
+from .base import Method, register
+from .structure import head_entries
 
 
 @register("fedper")
-class FedPer(PersonalByStructure):
+class FedPer(Method):
     """FedPer (Arivazhagan et al., 2019): a shared body with a personal classifier head."""
 
     def personal_entries(self, model: nn.Module) -> set[str]:

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
-from .base import SearchTrial, register
-from .structure import PersonalByStructure, block_entries, entries_under, head_entries, module_names, transformer_blocks
+from .base import Method, SearchTrial, register
+from .structure import block_entries, entries_under, head_entries, module_names, transformer_blocks
 
 
 @dataclass
@@ -75,7 +75,7 @@ def add_plugins(model: nn.Module, mid_dim: int, scale: float) -> list[PrefixQKV]
 
 
 @register("fedperfix")
-class FedPerfix(PersonalByStructure):
+class FedPerfix(Method):
     """FedPerfix (Sun et al., ICCV 2023): personal prefix plugins on keys and values, plus a personal head."""
 
     Options = FedPerfixOptions

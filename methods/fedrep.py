@@ -10,8 +10,8 @@ from torch import nn
 
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
-from .base import LocalContext, SearchTrial, TrainStats, register
-from .structure import PersonalByStructure, head_entries
+from .base import LocalContext, Method, SearchTrial, TrainStats, register
+from .structure import head_entries
 
 
 @dataclass
@@ -38,7 +38,7 @@ def _head_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @register("fedrep")
-class FedRep(PersonalByStructure):
+class FedRep(Method):
     """FedRep (Collins et al., ICML 2021): train the personal head on a frozen body, then the shared body."""
 
     Options = FedRepOptions

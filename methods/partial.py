@@ -9,8 +9,7 @@ from torch import nn
 
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
-from .base import register
-from .structure import PersonalByStructure
+from .base import Method, register
 
 
 @dataclass
@@ -25,7 +24,7 @@ class PartialOptions(MethodConfig):
 
 
 @register("partial")
-class Partial(PersonalByStructure):
+class Partial(Method):
     """Partial personalization (Pillutla et al., ICML 2022): the entries matching `method.personal` stay personal."""
 
     Options = PartialOptions

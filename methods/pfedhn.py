@@ -232,15 +232,10 @@ class PFedHN(Method):
         self.hn: ChunkedHypernetwork | None = None
         self.targets: list[str] = []
         self.novel: list[int] = []
-        self._head: tuple[int, set[str]] = (0, set())
 
     # -- which parameters are personal ----------------------------------------------
-    def is_personal(self, name: str, model: nn.Module) -> bool:
-        if self.options.variant != "pc":
-            return False
-        if self._head[0] != id(model):
-            self._head = (id(model), head_entries(model))
-        return name in self._head[1]
+    def personal_entries(self, model: nn.Module) -> set[str]:
+        return head_entries(model) if self.options.variant == "pc" else set()
 
     # -- novel clients ---------------------------------------------------------------
     def held_out_clients(self, num_clients: int, rng: np.random.Generator) -> list[int]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Iterable
 
 from torch import nn
 
-from .base import Method
 
 # Normalization layers by type: a ViT's LayerNorm, a CNN's BatchNorm, and kin.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -76,20 +74,3 @@ def embedding_parameters(model: nn.Module) -> list[str]:
     """Parameters held directly by the model (a ViT's class token and position embedding)."""
     return [name for name, _ in model.named_parameters(recurse=False)]
 
-
-class PersonalByStructure(Method):
-    """A method whose personal entries are one set computed from the model's structure.
-
-    Subclasses implement `personal_entries`; `is_personal` computes it once per model.
-    """
-
-    _cache: tuple[weakref.ref, frozenset[str]] | None = None
-
-    def personal_entries(self, model: nn.Module) -> set[str]:
-        """Names of the state entries of `model` that never leave the client."""
-        raise NotImplementedError
-
-    def is_personal(self, name: str, model: nn.Module) -> bool:
-        if self._cache is None or self._cache[0]() is not model:
-            self._cache = (weakref.ref(model), frozenset(self.personal_entries(model)))
-        return name in self._cache[1]

@@ -184,7 +184,7 @@ def test_fedperfix_adds_one_plugin_per_block_keeping_the_vit_entry_names(tmp_pat
     torch.save(plain.state_dict(), tmp_path / "vit.pt")
     assert set(load_weights(model, tmp_path / "vit.pt")) == plugin_entries
     last_block = {n for n in model.state_dict() if n.startswith("blocks.2.")}
-    personal = {n for n in model.state_dict() if method.is_personal(n, model)}
+    personal = method.personal_entries(model)
     assert personal == plugin_entries | {"head.weight", "head.bias"} | last_block
 
 
