@@ -111,11 +111,15 @@ def _explicit_gradients(hn, clients, deltas, weights):
     return out
 
 
+def _random_deltas(hn, count: int, gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """One random float64 change per client for every generated tensor."""
+    return [{n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in hn.shapes.items()} for _ in range(count)]
+
+
 def test_server_gradient_equals_the_explicit_vector_jacobian_product():
     hn = tiny_hn()
-    gen = torch.Generator().manual_seed(1)
     clients, weights = [0, 2], [3.0, 1.0]
-    deltas = [{n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in hn.shapes.items()} for _ in clients]
+    deltas = _random_deltas(hn, len(clients), torch.Generator().manual_seed(1))
     got = round_gradients(hn, clients, deltas, weights)
     expected = _explicit_gradients(hn, clients, deltas, weights)
     assert set(got) == set(expected) == {n for n, _ in hn.named_parameters()}
@@ -130,7 +134,7 @@ def test_server_gradient_matches_finite_differences():
     hn = tiny_hn()
     gen = torch.Generator().manual_seed(2)
     clients, weights = [1, 2], [2.0, 5.0]
-    deltas = [{n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in hn.shapes.items()} for _ in clients]
+    deltas = _random_deltas(hn, len(clients), gen)
     grads = round_gradients(hn, clients, deltas, weights)
     total = sum(weights)
 
