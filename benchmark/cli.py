@@ -423,9 +423,53 @@ def _add_perf(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# bench tune
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .console_study import TrialsLive, tune_summary
+    from .tuning import TuneRequest, run_tune
+
+    req = TuneRequest(args.method, args.dataset, _spec(args), args.trials, storage=args.storage, study=args.study,
+                      pruner=args.pruner, timeout=args.timeout, workers=args.workers,
+                      tracking_uri=args.tracking_uri, experiment=args.experiment)
+    if args.quiet:
+        result = run_tune(req)
+    else:
+        with TrialsLive(console, f"tuning {args.method} on {args.dataset} (val_acc_mean)") as live:
+            result = run_tune(req, on_update=live.update)
+        console.print()
+        tune_summary(console, result, args.method, args.dataset)
+    best = f"{result.best.value:.4f}" if result.best else "none"
+    print(f"tune {result.study} trials={len(result.trials)} ran={result.ran_here} best_val_acc_mean={best} "
+          f"parent_run_id={result.parent_run_id}")
+    return 0
+
+
+def _add_tune(sub) -> None:
+    from .tuning import PRUNERS
+
+    p = sub.add_parser("tune", help="tune a method's settings on validation data (Optuna TPE), recorded in MLflow")
+    p.add_argument("--method", required=True, help="method name (`bench list`)")
+    p.add_argument("--dataset", required=True, help="dataset name (`bench list`)")
+    p.add_argument("--trials", type=int, required=True, help="the study's total number of trials (a rerun tops it up)")
+    _add_config_arguments(p)
+    _add_tracking_arguments(p)
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage: postgresql://USER@HOST/DB to share a study between machines;"
+                        " default: a journal file beside the MLflow store")
+    p.add_argument("--study", metavar="NAME", help="study name (default: METHOD-DATASET-<config hash>)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median", help="stop bad trials early (default median)")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes on this machine (default 1)")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_tune)
+
+
+# ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf]
+COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_tune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,7 +88,8 @@ class EvalResult:
         """Mean and sample-weighted accuracy over the evaluated clients (count > 0)."""
         out = {
             "test_acc_mean": self._mean(self.test_correct, self.test_count),
-            "test_acc_weighted": float(self.test_correct.sum() / max(self.test_count.sum(), 1)),
+            "test_acc_weighted": (float(self.test_correct.sum() / self.test_count.sum())
+                                  if self.test_count.sum() > 0 else math.nan),
         }
         if self.val_count.sum() > 0:
             out["val_acc_mean"] = self._mean(self.val_correct, self.val_count)
@@ -157,8 +158,11 @@ class _ClientContext:
 class Simulation:
     """One federated experiment: data, model, method and the round loop."""
 
-    def __init__(self, cfg: RunConfig, *, images: ImageSet | None = None, partition: Partition | None = None):
+    def __init__(self, cfg: RunConfig, *, images: ImageSet | None = None, partition: Partition | None = None,
+                 eval_splits: Sequence[str] = ("test", "val")):
         self.cfg = cfg
+        # Tuning passes ("val",): the test split is then never read.
+        self.eval_splits = tuple(eval_splits)
         self.device = resolve_device(cfg.device)
         self.seeds = derive_seeds(cfg.seed)
         self.images = images if images is not None else DATASETS.get(cfg.dataset.name).load(cfg.dataset)
@@ -307,7 +311,7 @@ class Simulation:
         for client in range(k) if clients is None else clients:
             self.load_client(client)
             with self.autocast():
-                for split in ("test", "val"):
+                for split in self.eval_splits:
                     correct, total = self.method.evaluate(
                         self.forward_model, self.data.eval_batches(client, split, bs)
                     )

@@ -20,3 +20,15 @@ class TrainingDiverged(Exception):
         self.round_index = round_index
         self.client = client
         self.loss = loss
+
+
+class RunStopped(Exception):
+    """A run stopped on purpose before its last round (a pruned tuning trial).
+
+    Its MLflow run ends KILLED, not FAILED, with the tag `pflbench.<reason>` = "true".
+    """
+
+    def __init__(self, reason: str, round_index: int):
+        super().__init__(f"run stopped ({reason}) at round {round_index}")
+        self.reason = reason
+        self.round_index = round_index

@@ -21,6 +21,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import mlflow
@@ -30,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from .config import config_hash, flatten, to_toml
 from .engine import METRIC_NAMES, Callback, RunResult, Simulation
+from .errors import RunStopped
 from .reports import client_accuracy_csv, learning_curve_png, partition_summary_csv
 
 # MLflow and alembic announce schema migrations at INFO on a new store: noise for a CLI user.
@@ -191,11 +193,14 @@ class RunRecorder(Callback):
 
 
 def _end_run(client: MlflowClient, run_id: str, exc_type, exc) -> None:
-    """End a run FINISHED, FAILED (an exception, recorded as a tag) or KILLED (Ctrl-C)."""
+    """End a run FINISHED, FAILED (an exception, recorded as a tag) or KILLED (Ctrl-C, or stopped on purpose)."""
     if exc_type is None:
         status = "FINISHED"
     elif issubclass(exc_type, KeyboardInterrupt):
         status = "KILLED"
+    elif issubclass(exc_type, RunStopped):
+        status = "KILLED"
+        client.set_tag(run_id, TAG_PREFIX + exc.reason, "true")
     else:
         status = "FAILED"
         client.set_tag(run_id, TAG_PREFIX + "error", f"{exc_type.__name__}: {exc}"[:5000])
@@ -210,7 +215,7 @@ class ParentRun:
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, *,
                  run_name: str, stage: str, tags: Mapping[str, Any] | None = None,
-                 params: Mapping[str, Any] | None = None):
+                 params: Mapping[str, Any] | None = None, run_id: str | None = None):
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
         self.run_name = run_name
@@ -218,9 +223,12 @@ class ParentRun:
                      TAG_PREFIX + "git_commit": git_commit()} | {k: str(v) for k, v in (tags or {}).items()}
         self.params = dict(params or {})
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id  # given: reopen that run (a resumed study) instead of creating one
 
     def __enter__(self) -> ParentRun:
+        if self.run_id is not None:
+            self.client.update_run(self.run_id, status="RUNNING")
+            return self
         exp_id = _experiment_id(self.client, self.experiment, self.tracking_uri)
         self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=self.tags).info.run_id
         if self.params:
@@ -242,6 +250,78 @@ class ParentRun:
         """Attach a local file to the run."""
         self.client.log_artifact(self.run_id, str(path))
 
+    def log_text(self, text: str, name: str) -> None:
+        """Attach `text` to the run as the artifact `name`."""
+        self.client.log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def delete(self) -> None:
+        """Remove the run (a duplicate created by a worker that lost a race)."""
+        self.client.delete_run(self.run_id)
+        self.run_id = None
+
+
+# ---------------------------------------------------------------------------
+# Queries (sweep, tune and leaderboard read MLflow only through these)
+
+
+@dataclass
+class RunRecord:
+    """One finished run as the leaderboard and the sweep need it."""
+
+    run_id: str
+    start_time: int  # ms since the epoch
+    status: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each metric
+
+
+def _experiment_ids(client: MlflowClient, experiment: str) -> list[str]:
+    found = client.get_experiment_by_name(experiment)
+    return [found.experiment_id] if found is not None else []
+
+
+def experiment_exists(tracking_uri: str | None, experiment: str) -> bool:
+    """Whether the store holds an experiment of that name."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    return bool(_experiment_ids(client, experiment))
+
+
+def find_runs(tracking_uri: str | None, experiment: str, *, stage: str | None = None,
+              status: str | None = "FINISHED", tags: Mapping[str, str] | None = None) -> list[RunRecord]:
+    """Runs of `experiment` with the given stage, status and tags, oldest first."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    ids = _experiment_ids(client, experiment)
+    if not ids:
+        return []
+    clauses = [f"tags.`{TAG_PREFIX}stage` = '{stage}'"] if stage else []
+    clauses += [f"attributes.status = '{status}'"] if status else []
+    clauses += [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
+    out, token = [], None
+    while True:
+        page = client.search_runs(ids, " and ".join(clauses), max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        for run in page:
+            out.append(RunRecord(run.info.run_id, int(run.info.start_time or 0), run.info.status,
+                                 dict(run.data.tags), dict(run.data.params), dict(run.data.metrics)))
+        token = page.token
+        if not token:
+            return out
+
+
+def read_text_artifact(tracking_uri: str | None, run_id: str, name: str) -> str | None:
+    """The text of artifact `name` of a run; None when the run has no such artifact."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, name, tmp)
+        except (MlflowException, OSError):
+            return None
+        return Path(path).read_text()
+
 
 def search_runs(tracking_uri: str | None = None, experiments: list[str] | None = None,
                 filter_string: str = "") -> Any:
@@ -252,4 +332,5 @@ def search_runs(tracking_uri: str | None = None, experiments: list[str] | None =
     return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string)
 
 
-__all__ = ["METRIC_NAMES", "ParentRun", "RunRecorder", "default_tracking_uri", "search_runs", "ui_command"]
+__all__ = ["METRIC_NAMES", "ParentRun", "RunRecord", "RunRecorder", "default_tracking_uri", "experiment_exists",
+           "find_runs", "read_text_artifact", "search_runs", "ui_command"]
