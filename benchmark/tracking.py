@@ -257,11 +257,6 @@ class ParentRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def delete(self) -> None:
-        """Remove the run (a duplicate created by a worker that lost a race)."""
-        self.client.delete_run(self.run_id)
-        self.run_id = None
-
 
 # ---------------------------------------------------------------------------
 # Queries (sweep, tune and leaderboard read MLflow only through these)

@@ -50,6 +50,7 @@ from .tracking import ParentRun, RunRecorder, default_tracking_uri
 STAGE = "tune"
 PRUNERS = ("median", "hyperband", "none")
 PARENT_ATTR = "pflbench.parent_run_id"
+CLAIM_SUFFIX = ".parent-claim"  # a study whose creation elects the worker that makes the MLflow parent
 DIVERGED_ATTR = "pflbench.diverged"
 WORKER_ATTR = "pflbench.worker"
 RUN_ATTR = "pflbench.run_id"
@@ -329,19 +330,29 @@ class _Study:
                             "pflbench.dataset": self.req.dataset})
         if known:
             return ParentRun(self.tracking_uri, run_id=known, **common)
+        # Creating a study is atomic in every storage: the worker that creates the claim study makes the parent.
+        try:
+            optuna.create_study(study_name=self.name + CLAIM_SUFFIX, storage=self.storage)
+        except optuna.exceptions.DuplicatedStudyError:
+            return ParentRun(self.tracking_uri, run_id=self._wait_for_parent(), **common)
         mine = ParentRun(self.tracking_uri, params={"trials": self.req.trials, "pruner": self.req.pruner,
                                                     "storage": self.storage_url.split("@")[-1]}, **common)
         mine.__enter__()
-        self.study.set_user_attr(PARENT_ATTR, mine.run_id)
-        time.sleep(0.5)  # another worker may have claimed it at the same moment: the last write wins
-        winner = optuna.load_study(study_name=self.name, storage=self.storage).user_attrs[PARENT_ATTR]
-        if winner != mine.run_id:
-            mine.delete()
-            return ParentRun(self.tracking_uri, run_id=winner, **common)
         defaults = default_params(self.base, self.fixed)
         if defaults and not self.study.trials:
             self.study.enqueue_trial(defaults)
+        self.study.set_user_attr(PARENT_ATTR, mine.run_id)
         return mine
+
+    def _wait_for_parent(self, seconds: float = 120.0) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            found = optuna.load_study(study_name=self.name, storage=self.storage).user_attrs.get(PARENT_ATTR)
+            if found:
+                return found
+            time.sleep(0.5)
+        raise UserError(f"study {self.name!r}: the worker that started it never recorded its MLflow parent run;"
+                        f" delete the study {self.name + CLAIM_SUFFIX!r} from the storage and rerun")
 
     # -- trials ----------------------------------------------------------------------
     def images(self):

@@ -13,7 +13,7 @@ import pytest
 from pflbench.benchmark import tuning
 from pflbench.benchmark.cli import main
 from pflbench.benchmark.engine import Simulation
-from pflbench.benchmark.tracking import find_runs, read_text_artifact
+from pflbench.benchmark.tracking import experiment_exists, find_runs, read_text_artifact
 from pflbench.datasets import FederatedData
 
 from conftest import TINY, tiny_config
@@ -112,6 +112,8 @@ def _two_workers(uri: str, tmp_path, env) -> Counter:
     """Two `bench tune` processes on one study, as on two machines; returns trials per worker."""
     cmd = [sys.executable, "-m", "pflbench.benchmark.cli", *BASE, "--trials", "6", "--storage", uri,
            "--study", "shared", "--pruner", "none", "--quiet"]
+    # A shared MLflow store exists before the workers start (two processes must not create one sqlite schema).
+    experiment_exists(env["MLFLOW_TRACKING_URI"], "pflbench")
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -148,21 +150,17 @@ POSTGRES = os.environ.get("PFLBENCH_TEST_POSTGRES")
                                          " one and sets it)")
 def test_two_tune_processes_share_a_postgresql_study(tracking_uri, tmp_path):
     # A fresh database per test run, so the study starts empty.
-    import psycopg2
+    import psycopg
 
     db = f"pflbench_test_{os.getpid()}"
-    admin = psycopg2.connect(POSTGRES)
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {db}")
+    admin = psycopg.connect(POSTGRES, autocommit=True)
+    admin.execute(f"CREATE DATABASE {db}")
     try:
         url = POSTGRES.rsplit("/", 1)[0] + "/" + db
         per_worker = _two_workers(url, tmp_path, _env(tracking_uri))
         assert sum(per_worker.values()) == 6
     finally:
-        from sqlalchemy import create_engine  # close the study's pool before dropping the database
-
-        create_engine(POSTGRES).dispose()
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         admin.close()
 
 
