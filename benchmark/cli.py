@@ -467,9 +467,55 @@ def _add_tune(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# bench sweep
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .console_study import sweep_progress, sweep_summary
+    from .sweep import run_sweep
+
+    progress = None if args.quiet else sweep_progress(console, 0)
+
+    def on_start(total: int, skipped: int) -> None:
+        if progress is not None:
+            progress.update(0, total=total, completed=skipped, last=f"{skipped} already finished, skipped")
+            progress.start()
+
+    def on_item(item) -> None:
+        if progress is not None:
+            acc = "" if item.test_acc_mean is None else f" {item.test_acc_mean:.4f}"
+            progress.update(0, advance=1, last=f"{item.method}/{item.dataset} seed {item.seed}: {item.status}{acc}")
+
+    try:
+        suite = run_sweep(args.suite, workers=args.workers, tracking_uri=args.tracking_uri,
+                          experiment=args.experiment, on_start=on_start, on_item=on_item)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if not args.quiet:
+        sweep_summary(console, suite)
+    counts = {s: sum(1 for i in suite.items if i.status == s) for s in ("finished", "skipped", "failed")}
+    print(f"sweep {suite.path.name} runs={len(suite.items)} " + " ".join(f"{k}={v}" for k, v in counts.items()))
+    for item in suite.items:
+        if item.status == "failed":
+            err_console.print(f"failed: {item.method}/{item.dataset} seed {item.seed}: {item.error}", markup=False)
+    return 1 if counts["failed"] else 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="run a suite of final runs (datasets x methods x seeds), skipping finished ones")
+    p.add_argument("suite", metavar="SUITE.toml", help="the suite file (see README: bench sweep)")
+    _add_tracking_arguments(p)
+    p.add_argument("--workers", type=int, default=1, metavar="K",
+                   help="parallel worker processes: one GPU each, or the CPU threads split (default 1)")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_sweep)
+
+
+# ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_tune]
+COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_tune, _add_sweep]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -285,6 +285,12 @@ def experiment_exists(tracking_uri: str | None, experiment: str) -> bool:
     return bool(_experiment_ids(client, experiment))
 
 
+def ensure_experiment(tracking_uri: str | None, experiment: str) -> str:
+    """The experiment's id, created (with the store) when missing."""
+    uri = tracking_uri or default_tracking_uri()
+    return _experiment_id(MlflowClient(tracking_uri=uri), experiment, uri)
+
+
 def find_runs(tracking_uri: str | None, experiment: str, *, stage: str | None = None,
               status: str | None = "FINISHED", tags: Mapping[str, str] | None = None) -> list[RunRecord]:
     """Runs of `experiment` with the given stage, status and tags, oldest first."""
@@ -327,5 +333,5 @@ def search_runs(tracking_uri: str | None = None, experiments: list[str] | None =
     return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string)
 
 
-__all__ = ["METRIC_NAMES", "ParentRun", "RunRecord", "RunRecorder", "default_tracking_uri", "experiment_exists",
+__all__ = ["METRIC_NAMES", "ParentRun", "RunRecord", "RunRecorder", "default_tracking_uri", "ensure_experiment", "experiment_exists",
            "find_runs", "read_text_artifact", "search_runs", "ui_command"]
