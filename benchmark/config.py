@@ -80,6 +80,9 @@ class DataConfig:
     augment: bool = True  # random crop (and flip where the dataset allows) on the device
 
 
+EVAL_TIMINGS = ("after-aggregation", "after-local")
+
+
 @dataclass
 class TrainConfig:
     """The federated schedule and the local optimizer."""
@@ -94,6 +97,9 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # clip each step's gradient norm; 0 = off
     eval_every: int = 1  # evaluate every client every N rounds (and after the last)
     eval_batch_size: int = 512  # batch size for evaluation
+    # after-aggregation: every client, from the round's aggregated state (what pflbench reports);
+    # after-local: the round's sampled clients right after their local training (the reference's timing)
+    eval_timing: str = "after-aggregation"  # when a round's accuracy is measured (see above)
 
 
 @dataclass
@@ -340,6 +346,8 @@ def validate(cfg: RunConfig) -> None:
     _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
     _require(d.val_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
              "val_fraction + test_fraction must leave training samples")
+    _require(t.eval_timing in EVAL_TIMINGS, "train.eval_timing", t.eval_timing,
+             f"choose one of: {', '.join(EVAL_TIMINGS)}")
     _require(0 < t.sample_fraction <= 1, "train.sample_fraction", t.sample_fraction, "must be in (0, 1]")
     _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")

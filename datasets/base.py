@@ -11,6 +11,7 @@ workers in the hot loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -159,12 +160,19 @@ class FederatedData:
         return padded[batch_ix, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
     def train_batches(
-        self, client: int, epochs: int, batch_size: int, generator: torch.Generator
+        self, client: int, epochs: float, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`epochs` shuffled passes over a client's training samples."""
+        """`epochs` shuffled passes over a client's training samples.
+
+        A fractional part is the first share of one more shuffled pass (at
+        least one sample), so a budget of 0.5 epochs sees half the samples.
+        """
         index = self._splits["train"][client]
-        for _ in range(epochs):
+        whole = int(epochs)
+        for epoch in range(math.ceil(epochs)):
             order = torch.randperm(len(index), generator=generator).to(self.device)
+            if epoch == whole:  # the fractional pass
+                order = order[: max(1, round((epochs - whole) * len(index)))]
             shuffled = index[order]
             for start in range(0, len(shuffled), batch_size):
                 yield self.prepare(shuffled[start : start + batch_size], generator)

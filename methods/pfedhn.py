@@ -315,6 +315,9 @@ class PFedHN(Method):
             generated = self.hn(client)
         return {**self.global_state, **generated}
 
+    def global_view(self) -> None:
+        return None  # every client gets weights generated for it: no one global model
+
     def _delta(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         return {n: (update.sent[n] - update.params[n]).float() for n in self.targets}
 
