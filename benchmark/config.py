@@ -78,6 +78,7 @@ class DataConfig:
     partition_seed: int = -1  # seed of the partition; -1 = the run's seed
     partition_file: str = ""  # reuse a saved partition (JSON artifact) exactly
     augment: bool = True  # random crop (and flip where the dataset allows) on the device
+    normalize: str = "train"  # train: mean/std of the training images only; fixed: (0.5, 0.5), the reference's
 
 
 EVAL_TIMINGS = ("after-aggregation", "after-local")
@@ -320,6 +321,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express; raises UserError naming the key."""
+    from ..datasets.base import NORMALIZATIONS
     from ..datasets.partition import PARTITIONERS, PROTOCOLS
 
     dev = cfg.device
@@ -338,6 +340,8 @@ def validate(cfg: RunConfig) -> None:
     _require(d.partition in PARTITIONERS, "data.partition", d.partition,
              f"choose one of: {', '.join(PARTITIONERS.names())}")
     _require(d.protocol in PROTOCOLS, "data.protocol", d.protocol, f"choose one of: {', '.join(PROTOCOLS)}")
+    _require(d.normalize in NORMALIZATIONS, "data.normalize", d.normalize,
+             f"choose one of: {', '.join(NORMALIZATIONS)}")
     _require(d.alpha > 0, "data.alpha", d.alpha, "must be > 0")
     _require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
     _require(d.clients_per_domain >= 1, "data.clients_per_domain", d.clients_per_domain, "must be >= 1")

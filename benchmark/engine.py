@@ -182,7 +182,7 @@ class Simulation:
         self.partition = partition if partition is not None else self._make_partition()
         self.data = FederatedData(
             self.images, self.partition, device=self.device, image_size=cfg.model.image_size,
-            augment=cfg.data.augment,
+            augment=cfg.data.augment, normalize=cfg.data.normalize,
         )
         self.method: Method = METHODS.get(cfg.method.name)(cfg.method)
 
