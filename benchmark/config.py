@@ -72,9 +72,11 @@ class DataConfig:
     num_clients: int = 20  # number of clients (natural: domains x clients_per_domain)
     classes_per_client: int = 2  # shards: the exact number of classes each client holds
     clients_per_domain: int = 1  # natural: clients per domain, split inside it by Dirichlet(alpha)
-    min_samples: int = 10  # every client gets at least this many samples
+    min_samples: int = 10  # every client gets at least this many samples (the reference: 256)
+    dirichlet_cap: bool = False  # dirichlet: a client holding N/K samples gets no more classes (the reference's draw)
     val_fraction: float = 0.15  # share of each client's samples held out for validation
     test_fraction: float = 0.25  # share of each client's samples held out for testing (pool protocol)
+    stratify: bool = False  # split each client's samples into train/val/test class by class (Office-Home reference)
     partition_seed: int = -1  # seed of the partition; -1 = the run's seed
     partition_file: str = ""  # reuse a saved partition (JSON artifact) exactly
     augment: bool = True  # random crop (and flip where the dataset allows) on the device
