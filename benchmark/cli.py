@@ -488,7 +488,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         suite = run_sweep(args.suite, workers=args.workers, tracking_uri=args.tracking_uri,
-                          experiment=args.experiment, on_start=on_start, on_item=on_item)
+                          experiment=args.experiment, data_root=args.data_root, on_start=on_start, on_item=on_item)
     finally:
         if progress is not None:
             progress.stop()
@@ -506,6 +506,7 @@ def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="run a suite of final runs (datasets x methods x seeds), skipping finished ones")
     p.add_argument("suite", metavar="SUITE.toml", help="the suite file (see README: bench sweep)")
     _add_tracking_arguments(p)
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets, for runs whose suite sets none")
     p.add_argument("--workers", type=int, default=1, metavar="K",
                    help="parallel worker processes: one GPU each, or the CPU threads split (default 1)")
     p.add_argument("--quiet", action="store_true", help="print only the final line")

@@ -87,7 +87,8 @@ def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -
                     f" run `bench tune ... --study {study}` first")
 
 
-def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_folder: Path) -> Suite:
+def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_folder: Path,
+               data_root: str | None = None) -> Suite:
     """Parse and resolve every run of a suite (a bad name or key fails here, before anything runs)."""
     path = Path(path)
     if not path.is_file():
@@ -123,7 +124,7 @@ def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_f
                 config_file = _best_config(tracking_uri, tune_experiment, study, config_folder)
             for seed in seeds:
                 spec = RunSpec(preset=run.get("preset"), config_file=config_file, overrides=overrides, seed=seed,
-                               data_root=run.get("data_root"))
+                               data_root=run.get("data_root", data_root))
                 cfg = spec.resolve(method, dataset)
                 suite.items.append(SweepItem(method, dataset, seed, spec, config_hash(cfg)))
     return suite
@@ -161,14 +162,19 @@ def _gpu_count() -> int:
 
 def run_sweep(
     suite_path: str | Path, *, workers: int = 1, tracking_uri: str | None = None, experiment: str = "pflbench",
+    data_root: str | None = None,
     on_start: Callable[[int, int], None] | None = None, on_item: Callable[[SweepItem], None] | None = None,
 ) -> Suite:
-    """Run every item of the suite not yet FINISHED; `on_start(total, skipped)`, then `on_item` per run."""
+    """Run every item of the suite not yet FINISHED; `on_start(total, skipped)`, then `on_item` per run.
+
+    `data_root` applies to the suite's runs that set none of their own.
+    """
     if workers < 1:
         raise UserError(f"bad --workers {workers}: must be >= 1")
     uri = tracking_uri or default_tracking_uri()
     with tempfile.TemporaryDirectory() as tmp:
-        suite = load_suite(suite_path, tracking_uri=uri, experiment=experiment, config_folder=Path(tmp))
+        suite = load_suite(suite_path, tracking_uri=uri, experiment=experiment, config_folder=Path(tmp),
+                           data_root=data_root)
         exp = suite.experiment or experiment
         done = {(r.tags.get("pflbench.config_hash"), r.tags.get("pflbench.seed"))
                 for r in find_runs(uri, exp, stage=STAGE)}
