@@ -514,9 +514,41 @@ def _add_sweep(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# bench leaderboard
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from ..leaderboard.build import build_board, collect, write_board
+    from .console_study import leaderboard_summary
+
+    runs = collect(args.tracking_uri, args.experiment, args.stage)
+    board = build_board(runs, experiment=args.experiment, stage=args.stage, budget=args.budget or "",
+                        pending=not args.no_pending)
+    write_board(board, args.out)
+    if not args.quiet:
+        leaderboard_summary(console, board, args.out)
+    cells = sum(1 for s in board.sections for c in s.cells if c.n)
+    print(f"leaderboard {args.out} sections={len(board.sections)} cells={cells} runs={board.runs_used}")
+    return 0
+
+
+def _add_leaderboard(sub) -> None:
+    p = sub.add_parser("leaderboard", help="build the leaderboard (README.md, results.csv, index.html) from MLflow runs")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write README.md, results.csv, index.html")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", default="pflbench", metavar="NAME", help="MLflow experiment (default pflbench)")
+    p.add_argument("--stage", default="final", help="which runs to read (default final: the sweep's runs)")
+    p.add_argument("--budget", metavar="TEXT", help="the tuning budget, stated on the page")
+    p.add_argument("--no-pending", action="store_true", help="leave out the paper's settings that have no runs")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_leaderboard)
+
+
+# ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_tune, _add_sweep]
+COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_tune, _add_sweep, _add_leaderboard]
 
 
 def build_parser() -> argparse.ArgumentParser:

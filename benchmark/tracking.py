@@ -269,6 +269,7 @@ class RunRecord:
     run_id: str
     start_time: int  # ms since the epoch
     status: str
+    end_time: int  # ms since the epoch; 0 while running
     tags: dict[str, str]
     params: dict[str, str]
     metrics: dict[str, float]  # the latest value of each metric
@@ -307,7 +308,7 @@ def find_runs(tracking_uri: str | None, experiment: str, *, stage: str | None = 
                                   order_by=["attributes.start_time ASC"])
         for run in page:
             out.append(RunRecord(run.info.run_id, int(run.info.start_time or 0), run.info.status,
-                                 dict(run.data.tags), dict(run.data.params), dict(run.data.metrics)))
+                                 int(run.info.end_time or 0), dict(run.data.tags), dict(run.data.params), dict(run.data.metrics)))
         token = page.token
         if not token:
             return out

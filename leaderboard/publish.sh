@@ -15,18 +15,19 @@ METHODS="fedavg fedavg_ft fedbn fedper fedperfix fedrep local pfedhn"
 what=${1:-all}
 
 if [[ $what == digits || $what == all ]]; then
+  # The demo preset cut to 10 rounds, 2 local epochs (not searched), evaluated every 5 rounds.
   for m in $METHODS; do
-    $BENCH tune --method "$m" --dataset digits --preset demo --trials "$TRIALS" --study "$m-digits-publish" \
-      --experiment leaderboard --quiet
+    $BENCH tune --method "$m" --dataset digits --preset demo --set train.rounds=10 --set train.local_epochs=2 \
+      --set train.eval_every=5 --trials "$TRIALS" --study "$m-digits-publish" --experiment leaderboard --quiet
   done
   $BENCH sweep leaderboard/suites/digits.toml --quiet
 fi
 if [[ $what == cifar10 || $what == all ]]; then
-  # cpu-cifar10 cut to 5 rounds (one evaluation, at the end), local epochs and batch size held at the
-  # preset's 1 and 64 (not searched): so that it fits 2 CPU cores.
+  # cpu-cifar10 cut to 2 rounds (one evaluation, at the end), local epochs and batch size held at the
+  # preset's 1 and 64 (not searched): so that it fits a shared 2-core CPU.
   for m in $METHODS; do
     $BENCH tune --method "$m" --dataset imagefolder --preset cpu-cifar10 --data-root "$DATA_ROOT" \
-      --set train.rounds=5 --set train.eval_every=5 --set train.local_epochs=1 --set train.batch_size=64 --trials "$TRIALS" --study "$m-cifar10-publish" \
+      --set train.rounds=2 --set train.eval_every=2 --set train.local_epochs=1 --set train.batch_size=64 --trials "$TRIALS" --study "$m-cifar10-publish" \
       --experiment leaderboard --quiet
   done
   $BENCH sweep leaderboard/suites/cifar10.toml --data-root "$DATA_ROOT" --quiet
