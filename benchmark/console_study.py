@@ -68,6 +68,9 @@ def tune_summary(console: Console, result: Any, method: str, dataset: str) -> No
     console.print(f"study [bold]{result.study}[/] ({method} on {dataset}): {len(result.trials)} trials ({counts}),"
                   f" {result.ran_here} run by this command; storage {result.storage.split('@')[-1]}",
                   highlight=False)
+    if len(result.per_worker) > 1:
+        console.print("trials by worker: " + ", ".join(f"{w} {n}" for w, n in result.per_worker.items()),
+                      highlight=False)
     if result.best is None:
         console.print("no trial completed yet: rerun the command to continue the study")
         return
