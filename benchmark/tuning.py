@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -197,7 +198,7 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _fail_dead_local_trials(study: optuna.Study) -> int:
+def _fail_dead_local_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
     """Journal store: fail RUNNING trials whose worker process on this machine is gone."""
     host, failed = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -208,7 +209,7 @@ def _fail_dead_local_trials(study: optuna.Study) -> int:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # FrozenTrial has no public id
             failed += 1
         except PermissionError:
             pass  # alive, someone else's
@@ -313,7 +314,7 @@ class _Study:
         pruner = _pruner(req.pruner)
         # One worker alone is reproducible; parallel workers get distinct streams (their order is not).
         seed = self.base.seed if req.workers == 1 and req.storage is None else \
-            int(__import__("numpy").random.SeedSequence([self.base.seed, os.getpid()]).generate_state(1)[0])
+            int(np.random.SeedSequence([self.base.seed, os.getpid()]).generate_state(1)[0])
         self.study = optuna.create_study(
             study_name=self.name, storage=self.storage, direction="maximize", load_if_exists=True,
             sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner,
@@ -407,7 +408,7 @@ def run_tune(req: TuneRequest, on_update: Callable[[list[TrialRow]], None] | Non
     """Create or resume the study, run its remaining trials (in `req.workers` processes), log the best."""
     st = _Study(req)
     if isinstance(st.storage, JournalStorage):
-        _fail_dead_local_trials(st.study)
+        _fail_dead_local_trials(st.study, st.storage)
     before = {t.number for t in st.study.get_trials(deepcopy=False)}
     with st.claim_parent() as parent:
         st.parent_run_id = parent.run_id

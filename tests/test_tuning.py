@@ -186,3 +186,23 @@ def test_default_trial_lies_inside_the_search_space():
     probe = tuning._Probe()
     keys = tuning.suggest(probe, "fedperfix", set())
     assert {"train.lr", "train.local_epochs", "method.mid_dim", "method.scale"} <= set(keys)
+
+
+def test_a_dead_local_workers_trial_is_failed_and_replaced_on_rerun(capsys, tracking_uri, tmp_path):
+    import socket
+
+    code, out, err = _tune(capsys, "--trials", "1", "--pruner", "none")
+    assert code == 0, err
+    name = _study(out)
+    storage = tuning.open_storage(f"journal:///{tmp_path / 'optuna-journal.log'}")
+    study = tuning.optuna.load_study(study_name=name, storage=storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = study.ask()  # a trial left RUNNING by a worker process that no longer exists
+    orphan.set_user_attr(tuning.WORKER_ATTR, f"{socket.gethostname()}:{dead.pid}")
+
+    code, out, err = _tune(capsys, "--trials", "2", "--pruner", "none")
+    assert code == 0, err
+    states = {t.number: t.state.name for t in tuning.optuna.load_study(study_name=name, storage=storage).trials}
+    assert states[orphan.number] == "FAIL"  # no longer blocks the study
+    assert sorted(states.values()) == ["COMPLETE", "COMPLETE", "FAIL"]  # and did not use up the budget
