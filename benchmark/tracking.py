@@ -37,6 +37,8 @@ from .reports import client_accuracy_csv, learning_curve_png, partition_summary_
 # MLflow and alembic announce schema migrations at INFO on a new store: noise for a CLI user.
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# Reading a run's small CSV must not draw a download progress bar on the user's terminal.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_EXPERIMENT = "pflbench"
 TAG_PREFIX = "pflbench."
