@@ -31,6 +31,7 @@ SETTING_PREFIXES = ("data.", "model.", "dataset.")
 SETTING_KEYS = ("train.rounds", "train.sample_fraction")
 UNSET = ("dataset.root",)  # where the files lie does not change the problem
 PENDING_NOTE = "not run yet: needs a GPU"
+MISSING_NOTE = "no finished run in this setting"
 # The paper's settings (FedPerfix, Sun et al. 2023); shown as pending until runs exist.
 PAPER_SETTINGS = (
     ("cifar100", "paper-cifar100", "CIFAR-100, 64 clients (8 a round), Dirichlet 0.5, ViT-S/16 at 224 px, 50 rounds"),
@@ -80,6 +81,7 @@ class Cell:
     diff: stats.Interval | None = None  # paired difference to the best method (None for the best)
     verdict: str = ""  # best | not distinguishable | worse | better | too few seeds | pending
     note: str = ""
+    pending_text: str = PENDING_NOTE  # what a pending row says instead of numbers
 
     @property
     def n(self) -> int:
@@ -97,7 +99,7 @@ class Cell:
     @property
     def acc_text(self) -> str:
         if self.verdict == "pending":
-            return PENDING_NOTE
+            return self.pending_text
         half = self.acc.half_width
         return f"{self.acc.mean:.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
 
@@ -238,13 +240,15 @@ def build_board(runs: Sequence[RunRow], *, experiment: str, stage: str = "final"
         groups.setdefault(key, {}).setdefault(run.method, []).append(run)
         params_of.setdefault(key, run.params)
     sections = []
+    methods = sorted({r.method for r in runs})
     for key in sorted(groups):
         cells = [_cell(m, rs) for m, rs in sorted(groups[key].items())]
         _compare(cells)
         cells.sort(key=lambda c: (-c.acc.mean if not math.isnan(c.acc.mean) else math.inf, c.method))
+        # A method run elsewhere but not here is a row too: its absence is visible, not silent.
+        cells += [Cell(m, [], verdict="pending", pending_text=MISSING_NOTE) for m in methods if m not in groups[key]]
         sections.append(Section(key[0], key[1], describe_setting(params_of[key]), cells))
     if pending:
-        methods = sorted({r.method for r in runs})
         present = {s.dataset for s in sections}
         for dataset, preset, text in PAPER_SETTINGS:
             if dataset not in present:
@@ -302,7 +306,7 @@ def _csv_rows(board: Board) -> list[dict[str, str]]:
             d = c.diff
             rows.append({
                 "dataset": s.dataset, "setting_hash": s.setting_hash, "setting": s.setting, "method": c.method,
-                "status": PENDING_NOTE if c.verdict == "pending" else "done", "n": str(c.n),
+                "status": c.pending_text if c.verdict == "pending" else "done", "n": str(c.n),
                 "seeds": " ".join(map(str, c.seeds)), "test_acc_mean": _num(c.acc.mean, 6),
                 "ci_low": _num(c.acc.lo, 6), "ci_high": _num(c.acc.hi, 6), "test_acc_weighted": _num(c.weighted, 6),
                 "client_acc_std": _num(c.std, 6), "worst10_acc": _num(c.worst, 6),
@@ -329,7 +333,7 @@ TABLE_HEAD = ("method", "n", "test_acc_mean ± 95% CI", "vs best (paired 95% CI)
 
 def _table_cells(c: Cell) -> list[str]:
     if c.verdict == "pending":
-        return [c.method, "0", PENDING_NOTE, "", "", "", "", "", "", ""]
+        return [c.method, "0", c.pending_text, "", "", "", "", "", "", ""]
     return [c.method, str(c.n), c.acc_text, c.vs_best_text, _num(c.weighted, 4), _num(c.std, 4), c.worst_text,
             _num(c.novel, 4), c.bytes_text, _num(c.seconds, 1)]
 

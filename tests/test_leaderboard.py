@@ -123,6 +123,10 @@ def test_board_groups_dedups_and_compares():
     verdicts = {c.method: c.verdict for c in digits.cells}
     assert verdicts == {"fedper": "best", "local": "not distinguishable", "fedavg": "worse", "fedbn": "worse"}
     assert next(c for c in digits.cells if c.method == "fedper").novel == 0.5
+    other = next(s for s in board.sections if s.dataset == "other")
+    assert [(c.method, c.verdict) for c in other.cells] == [  # methods not run there are rows, not gaps
+        ("fedavg", "best"), ("fedbn", "pending"), ("fedper", "pending"), ("local", "pending")]
+    assert other.cells[1].acc_text == "no finished run in this setting"
     pending = [s for s in board.sections if s.pending]
     assert [s.dataset for s in pending] == ["cifar100", "organamnist", "officehome"]
     assert all(c.acc_text == "not run yet: needs a GPU" for s in pending for c in s.cells)
