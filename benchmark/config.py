@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -94,6 +95,15 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # clip each step's gradient norm; 0 = off
     eval_every: int = 1  # evaluate every client every N rounds (and after the last)
     eval_batch_size: int = 512  # batch size for evaluation
+    client_failure_rate: float = 0.0  # probability that a sampled client fails mid-round (seeded); its update is dropped
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out; nothing here changes its result."""
+
+    checkpoint_every: int = 0  # save the whole simulation every N rounds (resume with --resume); 0 = never
+    keep_checkpoint: bool = False  # keep the last checkpoint once the run has finished (default: delete it)
 
 
 @dataclass
@@ -107,10 +117,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunOptions = field(default_factory=RunOptions)
 
 
 # Keys that do not change the result: left out of the config hash.
-_UNHASHED = {"seed", "device", "dataset.root"}
+_UNHASHED = {"seed", "device", "dataset.root", "run.checkpoint_every", "run.keep_checkpoint"}
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most a signed 64-bit seed
+MAX_IMAGE_SIZE = 4096  # pixels a side: larger is a typo, not an experiment
 
 # ---------------------------------------------------------------------------
 # Presets
@@ -188,14 +202,19 @@ def coerce(key: str, value: Any, target: Any) -> Any:
                 pass
         raise bad("an integer")
     if target is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad("a number")
+        if number is None:
+            raise bad("a number")
+        if not math.isfinite(number):  # nan and inf pass float(); no option means them
+            raise bad("a finite number")
+        return number
     if target is str:
         if isinstance(value, str):
             return value
@@ -325,7 +344,11 @@ def validate(cfg: RunConfig) -> None:
                        ("train.local_epochs", t.local_epochs), ("train.batch_size", t.batch_size),
                        ("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size)):
         _require(value >= 1, key, value, "must be >= 1")
-    _require(m.image_size >= 0, "model.image_size", m.image_size, "0 = native, or a size in pixels")
+    _require(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"must be in [0, {MAX_SEED}]")
+    _require(0 <= m.image_size <= MAX_IMAGE_SIZE, "model.image_size", m.image_size,
+             f"0 = native, or a size in pixels up to {MAX_IMAGE_SIZE}")
+    _require(-1 <= d.partition_seed <= MAX_SEED, "data.partition_seed", d.partition_seed,
+             f"-1 = the run's seed, or a seed in [0, {MAX_SEED}]")
     _require(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
              f"must be divisible by model.num_heads={m.num_heads}")
     _require(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
@@ -345,6 +368,9 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = off)")
+    _require(0 <= t.client_failure_rate <= 1, "train.client_failure_rate", t.client_failure_rate, "must be in [0, 1]")
+    _require(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every,
+             "must be >= 0 (0 = never)")
     for options in (cfg.method, cfg.dataset):  # each may check its own fields
         check = getattr(options, "validate", None)
         if check is not None:
