@@ -15,10 +15,17 @@ that apply only when that method or dataset is the one being run.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
+import inspect
+import io
 import json
 import math
+import re
+import textwrap
+import tokenize
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +168,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def names_in_config_file(path: str | Path) -> tuple[str | None, str | None]:
+    """`method.name` and `dataset.name` as a config file sets them (a run's config.toml sets both)."""
+    table = load_config_file(path)
+    names = []
+    for section in ("method", "dataset"):
+        value = table.get(section, {}).get("name") if isinstance(table.get(section), Mapping) else None
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"bad value for {section}.name in {path}: {value!r} (expected a name)")
+        names.append(value)
+    return names[0], names[1]
 
 
 # ---------------------------------------------------------------------------
@@ -375,6 +394,64 @@ def validate(cfg: RunConfig) -> None:
         check = getattr(options, "validate", None)
         if check is not None:
             check()
+
+
+# ---------------------------------------------------------------------------
+# Descriptions: each field's trailing comment, read from the source
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments(cls: type) -> dict[str, str]:
+    """`{field: its trailing comment}` of a config dataclass and the dataclasses it extends."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if tok.type == tokenize.COMMENT}
+        (node,) = ast.parse(source).body
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                text = comments.get(stmt.end_lineno)
+                if text:
+                    out[stmt.target.id] = text
+    return out
+
+
+def _sentinel(value: Any, text: str) -> str | None:
+    """What a special value means, when the comment says (`0 = the dataset's native size`)."""
+    shown = json.dumps(value) if isinstance(value, str) else repr(value)
+    match = re.search(rf"(?:^|[;,(]\s*){re.escape(shown)} = ([^;,)]+)", text)
+    return match.group(1).strip() if match else None
+
+
+def explain(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """`(key, value as TOML, description)` for every key of a resolved config, sentinels spelled out."""
+    rows = []
+    values = flatten(cfg)
+
+    def walk(node: Any, prefix: str) -> None:
+        comments = field_comments(type(node))
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            text = comments.get(f.name, "")
+            meaning = _sentinel(value, text)
+            if meaning:
+                if meaning in values:  # the sentinel stands for another key: show its value
+                    meaning += f" = {_toml_value(values[meaning])}"
+                text += f"  [here: {meaning}]"
+            rows.append((f"{prefix}{f.name}", _toml_value(value), text))
+
+    walk(cfg, "")
+    return rows
 
 
 # ---------------------------------------------------------------------------
