@@ -293,7 +293,8 @@ def show_perf_overhead(result) -> None:
 def show_runs(runs, *, stale: bool) -> None:
     title = "runs left RUNNING by a process that is gone" if stale else "recent runs, newest first"
     table = Table(title=title, title_justify="left")
-    for column in ("run id", "experiment", "name", "status", "started", "host / pid", "test_acc_mean"):
+    table.add_column("run id", no_wrap=True, min_width=32)  # whole: it is what --resume takes
+    for column in ("experiment", "name", "status", "started", "host / pid", "test_acc_mean"):
         table.add_column(column, justify="right" if column == "test_acc_mean" else "left")
     for run in runs:
         status = run.status + (f" ({run.process})" if run.process and run.process != "alive" else "")

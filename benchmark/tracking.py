@@ -46,6 +46,8 @@ from .reports import client_accuracy_csv, learning_curve_png, partition_summary_
 # MLflow and alembic announce schema migrations at INFO on a new store: noise for a CLI user.
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# Nor is a progress bar per downloaded artifact (it would break one-line errors on stderr).
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_EXPERIMENT = "pflbench"
 TAG_PREFIX = "pflbench."
@@ -552,7 +554,7 @@ def resumable_run(tracking_uri: str, run_id: str) -> ResumableRun:
         experiment = client.get_experiment(run.info.experiment_id).name
     path = tags.get(TAG_PREFIX + "checkpoint")
     return ResumableRun(run_id, experiment, run.info.status, texts["config.toml"], texts["partition.json"],
-                        Path(path) if path else None, _judge(tags) == "alive")
+                        Path(path) if path else None, run.info.status == "RUNNING" and _judge(tags) == "alive")
 
 
 def _judge(tags: Mapping[str, str]) -> str:
