@@ -198,10 +198,7 @@ def _resume(args: argparse.Namespace) -> int:
         raise UserError(f"run {run.run_id} was started without checkpoints (run.checkpoint_every=0);"
                         " it cannot be resumed")
     cfg = _resumed_config(args, run)
-    try:
-        partition = Partition.from_json(run.partition_json)
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"run {run.run_id}'s partition.json artifact is damaged") from None
+    partition = Partition.from_json(run.partition_json, f"run {run.run_id}'s partition.json")
     state = read_checkpoint(run.checkpoint, "cpu")
     recorder = RunRecorder(uri, run.experiment, resume_run_id=run.run_id).prepare()
     return _train(args, cfg, recorder, partition=partition,
