@@ -123,13 +123,12 @@ def _names(args: argparse.Namespace, method: str | None, dataset: str | None) ->
     return method, dataset
 
 
-def _resolve(args: argparse.Namespace, method: str | None, dataset: str | None):
-    from .config import resolve_config
+def _spec(args: argparse.Namespace):
+    """The command's settings layers as one value (built once per command)."""
+    from .resolve import RunSpec
 
-    method, dataset = _names(args, method, dataset)
-    return resolve_config(method, dataset, preset=args.preset, config_file=args.config,
-                          overrides=args.overrides, seed=args.seed, device=args.device,
-                          data_root=args.data_root)
+    return RunSpec(preset=args.preset, config_file=args.config, overrides=tuple(args.overrides),
+                   seed=args.seed, device=args.device, data_root=args.data_root)
 
 
 def _load_images(cfg, quiet: bool = False):
@@ -146,7 +145,8 @@ def _load_images(cfg, quiet: bool = False):
 
 def _resumed_config(args: argparse.Namespace, run):
     """The resumed run's own config (from its config.toml), with only --device/--data-root changed."""
-    from .config import names_in_config_file, resolve_config
+    from .config import names_in_config_file
+    from .resolve import RunSpec
 
     given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset), ("--preset", args.preset),
                                   ("--config", args.config), ("--seed", args.seed), ("--set", args.overrides),
@@ -157,7 +157,7 @@ def _resumed_config(args: argparse.Namespace, run):
         path = Path(tmp) / "config.toml"
         path.write_text(run.config_toml)
         method, dataset = names_in_config_file(path)
-        return resolve_config(method, dataset, config_file=path, device=args.device, data_root=args.data_root)
+        return RunSpec(config_file=str(path), device=args.device, data_root=args.data_root).resolve(method, dataset)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -167,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--explain goes with --dry-run")
     if args.resume:
         return _resume(args)
-    cfg = _resolve(args, args.method, args.dataset)
+    cfg = _spec(args).resolve(*_names(args, args.method, args.dataset))
     if args.dry_run:
         if args.explain:
             from .config import explain
@@ -295,7 +295,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from ..datasets import partition_for
     from .reports import label_skew, partition_heatmap_png
 
-    cfg = _resolve(args, "fedavg", args.dataset)
+    cfg = _spec(args).resolve("fedavg", args.dataset)
     if args.plot:
         _check_output_file(args.plot, "--plot", (".png",))
     if args.save:
@@ -345,8 +345,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     try:
         study = run_sensitivity(
-            args.dataset, preset=args.preset, config_file=args.config, overrides=args.overrides, seed=args.seed,
-            device=args.device, data_root=args.data_root, tracking_uri=args.tracking_uri,
+            args.dataset, _spec(args), tracking_uri=args.tracking_uri,
             experiment=args.experiment, out_dir=args.out, callbacks=callbacks,
         )
     finally:
@@ -380,8 +379,10 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
     from .perf.overhead import measure
 
     torch.set_num_threads(args.threads)
-    result = measure(clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
-                     data_root=args.data_root, device=args.device, overrides=args.overrides,
+    from .resolve import RunSpec
+
+    spec = RunSpec(overrides=tuple(args.overrides), device=args.device, data_root=args.data_root)
+    result = measure(spec, clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
                      on_repeat=None if args.quiet else show.show_perf_repeat)
     if not args.quiet:
         show.show_perf_overhead(result)

@@ -41,7 +41,7 @@ def test_dry_run_prints_the_resolved_config_and_trains_nothing(capsys, tracking_
     assert code == 0
     cfg = tomllib.loads(out)
     assert cfg["train"]["lr"] == 0.3 and cfg["seed"] == 4 and cfg["method"]["name"] == "local"
-    assert not (tmp_path / "mlflow.db").exists()
+    assert MlflowClient(tracking_uri).get_experiment_by_name("pflbench") is None  # nothing recorded
 
 
 def test_run_quiet_prints_one_line_and_records_in_the_default_store(capsys, tracking_uri, tmp_path):
