@@ -148,11 +148,6 @@ def _resumed_config(args: argparse.Namespace, run):
     from .config import names_in_config_file
     from .resolve import RunSpec
 
-    given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset), ("--preset", args.preset),
-                                  ("--config", args.config), ("--seed", args.seed), ("--set", args.overrides),
-                                  ("--run-name", args.run_name), ("--tag", args.tags)) if v]
-    if given:
-        raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.toml"
         path.write_text(run.config_toml)
@@ -188,6 +183,12 @@ def _resume(args: argparse.Namespace) -> int:
     from .checkpoint import read_checkpoint, restore
     from .tracking import RunRecorder, default_tracking_uri, resumable_run
 
+    given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset), ("--preset", args.preset),
+                                  ("--config", args.config), ("--seed", args.seed), ("--set", args.overrides),
+                                  ("--run-name", args.run_name), ("--tag", args.tags), ("--dry-run", args.dry_run))
+             if v is not None and v != [] and v is not False]
+    if given:
+        raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
     uri = args.tracking_uri or default_tracking_uri()
     run = resumable_run(uri, args.resume)
     if run.status == "FINISHED":

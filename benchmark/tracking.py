@@ -179,6 +179,9 @@ def _store_problem(err: BaseException, tracking_uri: str) -> UserError | None:
                                                          "name or service not known", "refused")):
         return UserError(f"cannot reach the tracking server {tracking_uri}; is it running?"
                          " (check --tracking-uri or MLFLOW_TRACKING_URI)")
+    if _is_http(tracking_uri) and "failed with error code 404" in text:  # a web server, but not MLflow's API
+        return UserError(f"{tracking_uri} does not answer as an MLflow tracking server (HTTP 404);"
+                         " check --tracking-uri or MLFLOW_TRACKING_URI")
     return None
 
 
