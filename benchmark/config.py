@@ -84,12 +84,18 @@ class DataConfig:
     num_clients: int = 20  # number of clients (natural: domains x clients_per_domain)
     classes_per_client: int = 2  # shards: the exact number of classes each client holds
     clients_per_domain: int = 1  # natural: clients per domain, split inside it by Dirichlet(alpha)
-    min_samples: int = 10  # every client gets at least this many samples
+    min_samples: int = 10  # every client gets at least this many samples (the reference: 256)
+    dirichlet_cap: bool = False  # dirichlet: a client holding N/K samples gets no more classes (the reference's draw)
     val_fraction: float = 0.15  # share of each client's samples held out for validation
     test_fraction: float = 0.25  # share of each client's samples held out for testing (pool protocol)
+    stratify: bool = False  # split each client's samples into train/val/test class by class (Office-Home reference)
     partition_seed: int = -1  # seed of the partition; -1 = the run's seed
     partition_file: str = ""  # reuse a saved partition (JSON artifact) exactly
     augment: bool = True  # random crop (and flip where the dataset allows) on the device
+    normalize: str = "train"  # train: mean/std of the training images only; fixed: (0.5, 0.5), the reference's
+
+
+EVAL_TIMINGS = ("after-aggregation", "after-local")
 
 
 @dataclass
@@ -107,6 +113,9 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every client every N rounds (and after the last)
     eval_batch_size: int = 512  # batch size for evaluation
     client_failure_rate: float = 0.0  # probability that a sampled client fails mid-round (seeded); its update is dropped
+    # after-aggregation: every client, from the round's aggregated state (what pflbench reports);
+    # after-local: the round's sampled clients right after their local training (the reference's timing)
+    eval_timing: str = "after-aggregation"  # when a round's accuracy is measured (see above)
 
 
 @dataclass
@@ -340,6 +349,8 @@ def check_ranges(cfg: RunConfig) -> None:
     require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
     require(d.val_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
              "val_fraction + test_fraction must leave training samples")
+    require(t.eval_timing in EVAL_TIMINGS, "train.eval_timing", t.eval_timing,
+            f"choose one of: {', '.join(EVAL_TIMINGS)}")
     require(0 < t.sample_fraction <= 1, "train.sample_fraction", t.sample_fraction, "must be in (0, 1]")
     require(t.lr > 0, "train.lr", t.lr, "must be > 0")
     require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")

@@ -12,11 +12,19 @@ they are never sampled and the round metrics leave them out; after the last
 round the method adapts to them (`Method.fit_held_out`, through the same
 one-client step the rounds use) and their accuracy is reported with the
 `novel_` prefix (`novel_test_acc_mean`, ...).
+
+Each round records its compute: `train_samples` (through a backward pass,
+fine-tuning before evaluation included) and `forward_samples` (only forwarded:
+evaluation). Where the server holds one complete model, that model is also
+evaluated on every client's test split (`global_test_acc_mean`). Accuracy is
+measured after aggregation on every client, or with `train.eval_timing =
+"after-local"` on the round's sampled clients right after local training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -37,8 +45,11 @@ from .models import build_model
 
 METRIC_NAMES = (
     "test_acc_mean", "test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds",
+    "train_samples", "forward_samples", "global_test_acc_mean",
 )
 HELD_OUT_PREFIX = "novel_"  # held-out clients' metrics: novel_test_acc_mean, ...
+GLOBAL_PREFIX = "global_"  # the server's one model on every client's test split: global_test_acc_mean, ...
+FINETUNE_STREAM = 1  # batch-seed stream of the fine-tuning before evaluation (0 = local training)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,6 +82,13 @@ class EvalResult:
     test_count: np.ndarray
     val_correct: np.ndarray
     val_count: np.ndarray
+    train_samples: int = 0  # samples trained on before evaluating (`Method.finetune_epochs`)
+    forward_samples: int = 0  # samples the evaluation forwarded
+
+    @classmethod
+    def empty(cls, num_clients: int) -> EvalResult:
+        """No client evaluated yet (count 0 everywhere)."""
+        return cls(*(np.zeros(num_clients, dtype=np.int64) for _ in range(4)))
 
     @staticmethod
     def _mean(correct: np.ndarray, count: np.ndarray) -> float:
@@ -126,16 +144,16 @@ def derive_seeds(seed: int) -> dict[str, int]:
 class _ClientContext:
     """The `LocalContext` given to `Method.local_update`: the one batch loop lives here."""
 
-    def __init__(self, sim: Simulation, client: int, round_index: int):
+    def __init__(self, sim: Simulation, client: int, round_index: int, stream: int = 0):
         self.client = client
         self.round_index = round_index
         self.train: TrainConfig = sim.cfg.train
         self.data = sim.data
         self.device = sim.device
-        self.generator = sim.batch_generator(round_index, client)
+        self.generator = sim.batch_generator(round_index, client, stream)
         self._autocast = sim.autocast
 
-    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: int, forward=None) -> TrainStats:
+    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward=None) -> TrainStats:
         params = list(params)
         cfg = self.train
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -151,7 +169,7 @@ class _ClientContext:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             loss_sum += loss.detach() * len(y)
-            samples += len(y)
+            samples += len(y)  # every sample here goes through a backward pass
         model.zero_grad(set_to_none=True)  # grads of params outside `params` must not linger
         return TrainStats(loss_sum, samples)
 
@@ -167,7 +185,7 @@ class Simulation:
         self.partition = partition if partition is not None else self._make_partition()
         self.data = FederatedData(
             self.images, self.partition, device=self.device, image_size=cfg.model.image_size,
-            augment=cfg.data.augment,
+            augment=cfg.data.augment, normalize=cfg.data.normalize,
         )
         self.method: Method = METHODS.get(cfg.method.name)(cfg.method)
 
@@ -209,9 +227,14 @@ class Simulation:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def batch_generator(self, round_index: int, client: int) -> torch.Generator:
-        """The generator behind a client's batches in a round: independent of the visiting order."""
-        seed = np.random.SeedSequence([self.seeds["batches"], round_index, client]).generate_state(1)[0]
+    def batch_generator(self, round_index: int, client: int, stream: int = 0) -> torch.Generator:
+        """The generator behind a client's batches in a round: independent of the visiting order.
+
+        `stream` 0 drives local training; another stream (fine-tuning before
+        evaluation) gets batches of its own.
+        """
+        key = [self.seeds["batches"], round_index, client] + ([stream] if stream else [])
+        seed = np.random.SeedSequence(key).generate_state(1)[0]
         return torch.Generator().manual_seed(int(seed))
 
     @property
@@ -286,7 +309,10 @@ class Simulation:
         failed = self.failing_clients(r, selected)
         updates: list[ClientUpdate] = []
         loss_sum = torch.zeros((), device=self.device)
-        loss_samples, bytes_up, bytes_down = 0, 0, 0
+        loss_samples, forward_samples, bytes_up, bytes_down = 0, 0, 0, 0
+        due = r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds
+        # The reference's timing: each sampled client as its local training left it.
+        after_local = EvalResult.empty(self.data.num_clients) if due and self._after_local else None
         for done, client in enumerate(selected, 1):
             if client in failed:
                 # It received the broadcast, then failed: nothing comes back and its state is unchanged.
@@ -299,6 +325,9 @@ class Simulation:
             bytes_up += state_bytes(update.params)
             loss_sum += stats.loss_sum  # already checked finite by train_client
             loss_samples += stats.samples
+            forward_samples += stats.forward_samples
+            if after_local is not None:
+                self._evaluate_loaded(client, after_local)
             updates.append(update)
             for cb in callbacks:
                 cb.on_progress(r, done, len(selected))
@@ -312,31 +341,79 @@ class Simulation:
         }
         if self.cfg.train.client_failure_rate > 0:
             metrics["failed_clients"] = float(len(failed))
-        if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
-            self.last_eval = self.evaluate(self.training_clients)
+        if due:
+            self.last_eval = after_local if after_local is not None else self.evaluate(self.training_clients)
             metrics.update(self.last_eval.metrics())
+            loss_samples += self.last_eval.train_samples
+            forward_samples += self.last_eval.forward_samples
+            if self.has_global_view:
+                metrics.update(self.evaluate_global(self.training_clients).metrics(GLOBAL_PREFIX))
+        metrics["train_samples"] = float(loss_samples)
+        metrics["forward_samples"] = float(forward_samples)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics["round_seconds"] = time.perf_counter() - start
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, clients: Iterable[int] | None = None) -> EvalResult:
-        """Every client's val and test accuracy with its own personalized model."""
-        k = self.data.num_clients
-        counts = {s: np.zeros(k, dtype=np.int64) for s in ("test_correct", "test_count", "val_correct", "val_count")}
+        """Every client's val and test accuracy with its own personalized model.
+
+        A method with `finetune_epochs` first trains each client's loaded model
+        on its own training split; the next `load_client` overwrites those weights.
+        """
+        result = EvalResult.empty(self.data.num_clients)
+        for client in range(self.data.num_clients) if clients is None else clients:
+            self.load_client(client)
+            result.train_samples += self._finetune(client)
+            self._evaluate_loaded(client, result)
+        return result
+
+    @property
+    def _after_local(self) -> bool:
+        return self.cfg.train.eval_timing == "after-local"
+
+    @property
+    def has_global_view(self) -> bool:
+        """The server holds one complete model: nothing is personal and the method exposes it."""
+        return not self.personal_names and self.method.global_view() is not None
+
+    def _finetune(self, client: int) -> int:
+        """Train the loaded model on `client`'s own data through the one batch loop; samples trained."""
+        epochs = self.method.finetune_epochs()
+        if not epochs:
+            return 0
+        self.model.train()
+        ctx = _ClientContext(self, client, self.round_index, stream=FINETUNE_STREAM)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stats = ctx.train_epochs(self.forward_model, params, epochs)
+        loss = float(stats.loss_sum)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self.round_index, client, loss)
+        return stats.samples
+
+    @torch.no_grad()
+    def _evaluate_loaded(self, client: int, result: EvalResult, splits: Sequence[str] = ("test", "val")) -> None:
+        """Accuracy of the model as loaded now on `client`'s splits, written into `result`."""
         self.model.eval()
         bs = self.cfg.train.eval_batch_size
-        for client in range(k) if clients is None else clients:
-            self.load_client(client)
-            with self.autocast():
-                for split in ("test", "val"):
-                    correct, total = self.method.evaluate(
-                        self.forward_model, self.data.eval_batches(client, split, bs)
-                    )
-                    counts[f"{split}_correct"][client] = correct
-                    counts[f"{split}_count"][client] = total
-        return EvalResult(**counts)
+        with self.autocast():
+            for split in splits:
+                correct, total = self.method.evaluate(self.forward_model, self.data.eval_batches(client, split, bs))
+                getattr(result, f"{split}_correct")[client] = correct
+                getattr(result, f"{split}_count")[client] = total
+                result.forward_samples += total
+
+    def evaluate_global(self, clients: Iterable[int]) -> EvalResult:
+        """The server's one model (`Method.global_view`) on each client's test split."""
+        view = self.method.global_view()
+        assert view is not None and not self.personal_names, "only for methods with one global model"
+        with torch.no_grad():
+            for name, value in view.items():
+                self._entries[name].copy_(value)
+        result = EvalResult.empty(self.data.num_clients)
+        for client in clients:
+            self._evaluate_loaded(client, result, splits=("test",))
+        return result
 
     def fit_and_evaluate_held_out(self) -> EvalResult:
         """Let the method adapt to the held-out clients, then evaluate only them."""
@@ -366,8 +443,9 @@ class Simulation:
             "initial_personal": {n: t.detach().clone() for n, t in self._initial_personal.items()},
             "personal": {int(c): {n: t.detach().clone() for n, t in st.items()} for c, st in self._personal.items()},
             "method": self.method.state_dict(),
-            "last_eval": None if last is None else {k: torch.from_numpy(getattr(last, k).copy())
-                                                    for k in ("test_correct", "test_count", "val_correct", "val_count")},
+            "last_eval": None if last is None else {
+                f.name: torch.from_numpy(v.copy()) if isinstance(v := getattr(last, f.name), np.ndarray) else v
+                for f in dataclasses.fields(last)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -382,7 +460,8 @@ class Simulation:
         self._personal = {int(c): {n: t.to(self.device) for n, t in st.items()} for c, st in state["personal"].items()}
         self.method.load_state_dict(state["method"])
         last = state["last_eval"]
-        self.last_eval = None if last is None else EvalResult(**{k: v.numpy() for k, v in last.items()})
+        self.last_eval = None if last is None else EvalResult(
+            **{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in last.items()})
 
     def run(self, callbacks: Sequence[Callback] = ()) -> RunResult:
         """All remaining rounds (from `round_index`, after a resume); the last one is always evaluated."""

@@ -115,3 +115,23 @@ def test_config_module_imports_no_registry():
             "print(sorted(m for m in sys.modules if m.startswith(('pflbench.methods', 'pflbench.datasets'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("preset,dataset", [
+    ("paper-cifar100", "cifar100"), ("paper-organamnist", "organamnist"), ("paper-officehome", "officehome"),
+])
+def test_paper_presets_run_the_reference_protocol(preset, dataset):
+    cfg = resolve_config("fedperfix", dataset, preset=preset)
+    assert (cfg.data.min_samples, cfg.data.dirichlet_cap, cfg.data.normalize) == (256, True, "fixed")
+    assert cfg.train.eval_timing == "after-local"
+    assert cfg.data.stratify == (dataset == "officehome")
+    # The reference keeps the last block personal on CIFAR-100 only.
+    assert cfg.method.personal_blocks == (1 if dataset == "cifar100" else 0)
+    assert resolve_config("fedavg", dataset, preset=preset).method.name == "fedavg"  # the table is FedPerfix's
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu-cifar10", "cpu-cifar100", "cpu-officehome"])
+def test_other_presets_keep_the_defaults(preset):
+    cfg = resolve_config("fedperfix", "imagefolder" if preset == "cpu-cifar10" else "digits", preset=preset)
+    assert (cfg.data.dirichlet_cap, cfg.data.normalize, cfg.data.stratify) == (False, "train", False)
+    assert cfg.train.eval_timing == "after-aggregation" and cfg.method.personal_blocks == 0
