@@ -394,9 +394,14 @@ def field_comments(cls: type) -> dict[str, str]:
 
 def _sentinel(value: Any, text: str) -> str | None:
     """What a special value means, when the comment says (`0 = the dataset's native size`)."""
-    shown = json.dumps(value) if isinstance(value, str) else repr(value)
-    match = re.search(rf"(?:^|[;,(]\s*){re.escape(shown)} = ([^;,)]+)", text)
-    return match.group(1).strip() if match else None
+    shown = {json.dumps(value) if isinstance(value, str) else repr(value)}
+    if isinstance(value, float) and value.is_integer():
+        shown.add(str(int(value)))  # a comment writes 0, not 0.0
+    for text_value in shown:
+        match = re.search(rf"(?:^|[;,(]\s*){re.escape(text_value)} = ([^;,)]+)", text)
+        if match:
+            return match.group(1).strip()
+    return None
 
 
 def explain(cfg: RunConfig) -> list[tuple[str, str, str]]:

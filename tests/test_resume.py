@@ -165,10 +165,3 @@ def test_resume_refuses_a_finished_run_and_a_run_without_checkpoints(tracking_ur
     assert main(["run", "--resume", run_id, "--set", "train.lr=1"]) == 2
     assert main(["run", "--resume", "0" * 32]) == 2
     assert "no run" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag", ["--version"])
-def test_version(capsys, flag):
-    with pytest.raises(SystemExit) as done:
-        main([flag])
-    assert done.value.code == 0 and capsys.readouterr().out.startswith("pflbench ")
