@@ -379,12 +379,16 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
 
     from .perf.overhead import measure
 
-    torch.set_num_threads(args.threads)
     from .resolve import RunSpec
 
     spec = RunSpec(overrides=tuple(args.overrides), device=args.device, data_root=args.data_root)
-    result = measure(spec, clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
-                     on_repeat=None if args.quiet else show.show_perf_repeat)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        result = measure(spec, clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
+                         on_repeat=None if args.quiet else show.show_perf_repeat)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
     if not args.quiet:
         show.show_perf_overhead(result)
     ratios = ", ".join(f"{e / t:.3f}" for e, t in zip(result.engine, result.tight))

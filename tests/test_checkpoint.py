@@ -37,7 +37,7 @@ def _assert_same(a, b, path="state"):
 @pytest.mark.parametrize("method, extra", [
     ("fedavg", ()),
     ("fedperfix", ("method.mid_dim=8",)),
-    ("fedrep", ()),
+    ("fedrep", ("method.head_epochs=1",)),
     ("pfedhn", ("method.variant=pc", "method.hidden_dim=8", "method.chunk_size=64")),
 ])
 def test_resumed_simulation_ends_exactly_like_an_uninterrupted_one(tmp_path, method, extra):

@@ -63,6 +63,7 @@ def _metrics(line: str) -> dict[str, str]:
 
 
 def test_a_run_killed_with_sigkill_resumes_to_exactly_the_uninterrupted_result(tracking_uri, tmp_path, capsys):
+    torch.set_num_threads(1)  # as in the killed process (OMP_NUM_THREADS=1): the same kernels
     settings = [*TINY, "train.rounds=16", "run.checkpoint_every=1", "run.keep_checkpoint=true",
                 "train.sample_fraction=0.5"]
     checkpoints = tmp_path / "checkpoints"
