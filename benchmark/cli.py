@@ -14,7 +14,7 @@ import tempfile
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Mapping, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from . import console as show
 from .errors import Terminated, TrainingDiverged, UserError
