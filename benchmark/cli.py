@@ -241,8 +241,8 @@ def _train(args, cfg, recorder, *, partition=None, resume=None) -> int:
     if checkpointer.saved is not None and not cfg.run.keep_checkpoint:
         checkpointer.saved.unlink(missing_ok=True)  # finished: nothing is left to resume
     if not args.quiet:
-        show.show_run_result(sim, result, recorder.run_id, recorder.experiment if not recorder.resuming else
-                             "(resumed)", recorder.url, ui_command(recorder.tracking_uri))
+        show.show_run_result(sim, result, recorder.run_id, recorder.experiment, recorder.url,
+                             ui_command(recorder.tracking_uri))
     print(show.final_line(sim, result, recorder.run_id))
     return 0
 

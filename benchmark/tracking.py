@@ -67,7 +67,7 @@ def ui_command(tracking_uri: str) -> str:
     if _is_http(tracking_uri):
         return f"open {tracking_uri}"
     beside = Path(sys.executable).parent / "mlflow"
-    program = str(beside) if beside.exists() else "mlflow"
+    program = str(beside) if beside.exists() else f"{sys.executable} -m mlflow"  # works without a script
     return f"{program} ui --backend-store-uri {tracking_uri}"
 
 

@@ -116,7 +116,8 @@ def test_a_run_records_its_dataset_input_process_and_name_and_tags(tracking_uri,
     assert dataset_input.dataset.digest == run.data.tags["pflbench.partition_hash"]
     # The printed command names the mlflow beside this interpreter, and the run's own page.
     beside = Path(sys.executable).parent / "mlflow"
-    assert f"{beside if beside.exists() else 'mlflow'} ui --backend-store-uri {tracking_uri}" in out
+    program = beside if beside.exists() else f"{sys.executable} -m mlflow"
+    assert f"{program} ui --backend-store-uri {tracking_uri}" in out
     assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in out
 
 
