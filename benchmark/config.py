@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -94,6 +95,8 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # clip each step's gradient norm; 0 = off
     eval_every: int = 1  # evaluate every client every N rounds (and after the last)
     eval_batch_size: int = 512  # batch size for evaluation
+    parallel_clients: int | str = "auto"  # clients trained together (stacked, one batched step); auto: GPU yes, CPU 1
+    personal_device_mb: float = 2048.0  # personal state kept on the device up to this size; beyond, in host memory
 
 
 @dataclass
@@ -110,7 +113,8 @@ class RunConfig:
 
 
 # Keys that do not change the result: left out of the config hash.
-_UNHASHED = {"seed", "device", "dataset.root"}
+# How clients are scheduled and where state lives change the result only within float error.
+_UNHASHED = {"seed", "device", "dataset.root", "train.parallel_clients", "train.personal_device_mb"}
 
 # ---------------------------------------------------------------------------
 # Presets
@@ -165,6 +169,14 @@ def coerce(key: str, value: Any, target: Any) -> Any:
         return UserError(f"bad value for {key}: {value!r} (expected {expected})")
 
     origin = typing.get_origin(target)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(target)
+        for option in options:
+            try:
+                return coerce(key, value, option)
+            except UserError:
+                continue
+        raise bad(" or ".join(getattr(t, "__name__", str(t)) for t in options))
     if origin is list:
         (item_type,) = typing.get_args(target)
         if isinstance(value, str):
@@ -345,6 +357,9 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = off)")
+    _require(t.parallel_clients == "auto" or (isinstance(t.parallel_clients, int) and t.parallel_clients >= 1),
+             "train.parallel_clients", t.parallel_clients, "an integer >= 1, or auto")
+    _require(t.personal_device_mb >= 0, "train.personal_device_mb", t.personal_device_mb, "must be >= 0")
     for options in (cfg.method, cfg.dataset):  # each may check its own fields
         check = getattr(options, "validate", None)
         if check is not None:

@@ -19,19 +19,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..datasets import DATASETS, FederatedData, ImageSet, Partition, partition_for
 from ..methods import METHODS, ClientUpdate, Method, TrainStats
 from ..methods.aggregation import state_bytes
-from .config import RunConfig, TrainConfig
-from .errors import TrainingDiverged, UserError
+from .client import ClientRunner, PersonalStore, resolve_parallel
+from .config import RunConfig
+from .errors import UserError
 from .models import build_model
 
 METRIC_NAMES = (
@@ -121,39 +120,6 @@ def derive_seeds(seed: int) -> dict[str, int]:
     return {"init": int(init), "sampling": int(sampling), "batches": int(batches), "held_out": int(held_out)}
 
 
-class _ClientContext:
-    """The `LocalContext` given to `Method.local_update`: the one batch loop lives here."""
-
-    def __init__(self, sim: Simulation, client: int, round_index: int):
-        self.client = client
-        self.round_index = round_index
-        self.train: TrainConfig = sim.cfg.train
-        self.data = sim.data
-        self.device = sim.device
-        self.generator = sim.batch_generator(round_index, client)
-        self._autocast = sim.autocast
-
-    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: int, forward=None) -> TrainStats:
-        params = list(params)
-        cfg = self.train
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        loss_sum = torch.zeros((), device=self.device)
-        samples = 0
-        for x, y in self.data.train_batches(self.client, epochs, cfg.batch_size, self.generator):
-            with self._autocast():
-                logits = forward(model, x) if forward is not None else model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            samples += len(y)
-        model.zero_grad(set_to_none=True)  # grads of params outside `params` must not linger
-        return TrainStats(loss_sum, samples)
-
-
 class Simulation:
     """One federated experiment: data, model, method and the round loop."""
 
@@ -182,8 +148,10 @@ class Simulation:
         personal = self.method.personal_entries(self.model)
         self.personal_names = [n for n in self._entries if n in personal]
         self.shared_names = [n for n in self._entries if n not in personal]
-        self._initial_personal = {n: self._entries[n].detach().clone() for n in self.personal_names}
-        self._personal: dict[int, dict[str, torch.Tensor]] = {}
+        self._personal = PersonalStore(
+            {n: self._entries[n] for n in self.personal_names}, self.device, cfg.train.personal_device_mb * 2**20
+        )
+        self.clients = ClientRunner(self)
         k = self.data.num_clients
         held_out = self.method.held_out_clients(k, np.random.default_rng(self.seeds["held_out"]))
         self.held_out: list[int] = sorted(set(int(c) for c in held_out))
@@ -220,29 +188,14 @@ class Simulation:
     def num_personal_parameters(self) -> int:
         return sum(self._entries[n].numel() for n in self.personal_names)
 
-    # -- state swapping ------------------------------------------------------------
-    @torch.no_grad()
+    # -- state swapping (benchmark/client.py) -------------------------------------------
     def load_client(self, client: int) -> Mapping[str, torch.Tensor]:
         """Copy the server's broadcast and the client's personal state into the model."""
-        sent = self.method.broadcast(client)
-        for name, value in sent.items():
-            self._entries[name].copy_(value)
-        for name, value in self._personal.get(client, self._initial_personal).items():
-            self._entries[name].copy_(value)
-        return sent
+        return self.clients.load_client(client)
 
     def personal_state(self, client: int) -> dict[str, torch.Tensor]:
         """The personal entries the client keeps (the initial ones until it first trains)."""
-        return self._personal.get(client, self._initial_personal)
-
-    @torch.no_grad()
-    def _keep_personal(self, client: int) -> None:
-        stored = self._personal.get(client)
-        if stored is None:
-            self._personal[client] = {n: self._entries[n].detach().clone() for n in self.personal_names}
-        else:
-            for name in self.personal_names:
-                stored[name].copy_(self._entries[name])
+        return self._personal.get(client)
 
     # -- the round loop ----------------------------------------------------------
     def sample_clients(self) -> list[int]:
@@ -252,37 +205,43 @@ class Simulation:
         return sorted(int(pool[i]) for i in self._sampler.choice(len(pool), size=m, replace=False))
 
     def train_client(self, client: int, round_index: int) -> tuple[ClientUpdate, TrainStats]:
-        """One client's local step: load its state, `local_update`, read the shared part back."""
-        sent = self.load_client(client)
-        self.model.train()
-        stats = self.method.local_update(self.forward_model, _ClientContext(self, client, round_index))
-        client_loss = float(stats.loss_sum)  # one sync per client
-        if not math.isfinite(client_loss):
-            raise TrainingDiverged(round_index, client, client_loss)
-        with torch.no_grad():
-            params = {n: self._entries[n].detach().clone() for n in sent}
-        self._keep_personal(client)
-        return ClientUpdate(client, self.data.num_samples(client), sent, params), stats
+        """One client's local step: load its state, run its phases, read the shared part back."""
+        return self.clients.train_client(client, round_index)
+
+    @property
+    def parallel_clients(self) -> int:
+        """Clients trained together per group this round (`train.parallel_clients`, resolved)."""
+        sampled = max(1, int(round(self.cfg.train.sample_fraction * len(self.training_clients))))
+        return resolve_parallel(self.cfg.train.parallel_clients, self.device, sampled)
+
+    def _train_round(self, selected: Sequence[int], r: int) -> Iterator[tuple[ClientUpdate, TrainStats]]:
+        k = self.parallel_clients
+        for start in range(0, len(selected), k):
+            group = selected[start : start + k]
+            if len(group) == 1:
+                yield self.clients.train_client(group[0], r)
+            else:
+                yield from self.clients.train_together(group, r)
 
     def run_round(self, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
-        """Train the sampled clients, aggregate, and evaluate when due; returns the round's metrics."""
+        """Train the sampled clients, aggregate as they finish, and evaluate when due; returns the metrics."""
         start = time.perf_counter()
         self.round_index += 1
         r = self.round_index
         selected = self.sample_clients()
-        updates: list[ClientUpdate] = []
         loss_sum = torch.zeros((), device=self.device)
         loss_samples, bytes_up, bytes_down = 0, 0, 0
-        for done, client in enumerate(selected, 1):
-            update, stats = self.train_client(client, r)
+        self.method.start_aggregation()
+        for done, (update, stats) in enumerate(self._train_round(selected, r), 1):
             bytes_down += state_bytes(update.sent)
             bytes_up += state_bytes(update.params)
-            loss_sum += stats.loss_sum  # already checked finite by train_client
+            loss_sum += stats.loss_sum  # already checked finite
             loss_samples += stats.samples
-            updates.append(update)
+            self.method.add_update(update)  # a running sum: the update is dropped here
+            del update
             for cb in callbacks:
                 cb.on_progress(r, done, len(selected))
-        self.method.aggregate(updates)
+        self.method.finish_aggregation()
         metrics: dict[str, float] = {
             "train_loss": float(loss_sum) / max(loss_samples, 1),
             "bytes_up": float(bytes_up),

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pflbench.benchmark import engine
+from pflbench.benchmark import client
 from pflbench.benchmark.engine import Callback, Simulation
 from pflbench.benchmark.errors import UserError
 from pflbench.benchmark.models import load_weights
@@ -106,7 +106,7 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
     head = {id(p) for p in model.get_classifier().parameters()}
     names = {id(p): n for n, p in model.named_parameters()}
     calls = []
-    original = engine._ClientContext.train_epochs
+    original = client._ClientContext.train_epochs
 
     def spy(ctx, model, params, epochs, forward=None):
         params = list(params)
@@ -125,7 +125,7 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
         calls.append(({id(p) for p in params}, epochs, changed, grads_seen, stats.samples))
         return stats
 
-    monkeypatch.setattr(engine._ClientContext, "train_epochs", spy)
+    monkeypatch.setattr(client._ClientContext, "train_epochs", spy)
     sim.run_round()
     assert len(calls) == 2 * sim.data.num_clients
     head_names = {names[i] for i in head}
@@ -146,13 +146,13 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
 def test_fedrep_body_epochs_default_to_the_local_epochs(monkeypatch):
     sim = Simulation(tiny_config("fedrep", "method.head_epochs=1", "train.local_epochs=3", "train.rounds=1"))
     epochs = []
-    original = engine._ClientContext.train_epochs
+    original = client._ClientContext.train_epochs
 
     def spy(ctx, model, params, n, forward=None):
         epochs.append(n)
         return original(ctx, model, params, n, forward)
 
-    monkeypatch.setattr(engine._ClientContext, "train_epochs", spy)
+    monkeypatch.setattr(client._ClientContext, "train_epochs", spy)
     sim.run_round()
     assert epochs[:2] == [1, 3]
 
