@@ -403,6 +403,29 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perf_together(args: argparse.Namespace) -> int:
+    import torch
+
+    from .perf.together import measure
+
+    torch.set_num_threads(args.threads)
+
+    def show(i: int, result) -> None:
+        if not args.quiet:
+            console.print(f"repeat {i + 1}: sequential {result.sequential[-1]:8.1f} samples/s   together"
+                          f" {result.together[-1]:8.1f} samples/s   ratio {result.ratios[-1]:.3f}", highlight=False)
+
+    result = measure(method=args.method, dataset=args.dataset, preset=args.preset, data_root=args.data_root,
+                     parallel=args.parallel, rounds=args.rounds, repeats=args.repeats, device=args.device,
+                     overrides=args.overrides, on_repeat=show)
+    ratios = result.ratios
+    print(f"{args.method}: sequential {statistics.median(result.sequential):.1f} samples/s, {result.parallel} clients"
+          f" together {statistics.median(result.together):.1f} samples/s; ratio together / sequential"
+          f" {statistics.median(ratios):.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)};"
+          f" {result.samples} samples a side per repeat)")
+    return 0
+
+
 def _add_perf(sub) -> None:
     p = sub.add_parser("perf", help="benchmarks of the engine itself (not tests)")
     perf = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_Parser)
@@ -418,6 +441,21 @@ def _add_perf(sub) -> None:
                    help="override one setting of the benchmarked run")
     o.add_argument("--quiet", action="store_true", help="print only the ratio line")
     o.set_defaults(func=cmd_perf_overhead)
+
+    t = perf.add_parser("together", help="samples/s of a round's clients trained together vs one after another")
+    t.add_argument("--method", default="fedavg", help="method (default fedavg)")
+    t.add_argument("--dataset", default="digits", help="dataset name (default digits, bundled)")
+    t.add_argument("--preset", help="preset (default: the dataset's own)")
+    t.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
+    t.add_argument("--parallel", type=int, default=0, help="clients trained together; 0 = a whole round (default)")
+    t.add_argument("--rounds", type=int, default=1, help="timed rounds per side and repeat (default 1)")
+    t.add_argument("--repeats", type=int, default=3, help="alternating repeats; ratio per repeat (default 3)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting of the benchmarked run")
+    t.add_argument("--quiet", action="store_true", help="print only the summary line")
+    t.set_defaults(func=cmd_perf_together)
 
 
 # ---------------------------------------------------------------------------

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
     from .engine import Simulation
 
 
+# Below this share of clients with a batch left, a step runs only those clients (gathered) instead of
+# padding the rest with masked steps: padded steps cost a full forward and backward each.
+COMPACT_BELOW = 0.5
+
+
 class PersonalStore:
     """Each client's personal entries, kept aside between its visits.
 
@@ -293,29 +298,48 @@ class ClientRunner:
         samples = [0] * k
         while True:
             drawn = [next(it, None) for it in batches]
-            if all(b is None for b in drawn):
+            rows = [i for i, b in enumerate(drawn) if b is not None]
+            if not rows:
                 break
+            # Few clients left: step only those; otherwise pad the finished ones with masked steps.
+            if len(rows) > COMPACT_BELOW * k:
+                rows = list(range(k))
             first = next(b for b in drawn if b is not None)
-            x = first[0].new_zeros((k, bs, *first[0].shape[1:]))
-            y = first[1].new_zeros((k, bs))
-            mask = torch.zeros((k, bs), device=sim.device)
-            for i, b in enumerate(drawn):
-                if b is not None:
-                    m = len(b[1])
-                    x[i, :m], y[i, :m], mask[i, :m] = b[0], b[1], 1.0
+            x = first[0].new_zeros((len(rows), bs, *first[0].shape[1:]))
+            y = first[1].new_zeros((len(rows), bs))
+            mask = torch.zeros((len(rows), bs), device=sim.device)
+            for j, i in enumerate(rows):
+                if drawn[i] is not None:
+                    m = len(drawn[i][1])
+                    x[j, :m], y[j, :m], mask[j, :m] = drawn[i][0], drawn[i][1], 1.0
                     samples[i] += m
+            if len(rows) == k:
+                part, part_buffers = state, buffers
+            else:
+                index = torch.tensor(rows, device=sim.device)
+                part = {n: t[index] for n, t in state.items()}
+                part_buffers = {n: t[index] for n, t in buffers.items()}
             counts = mask.sum(1)
-            leaves = {n: state[n].detach().requires_grad_(True) for n in trained}
-            params = {("model." + n): leaves.get(n, state[n]) for n in state}
+            leaves = {n: part[n].detach().requires_grad_(True) for n in trained}
+            params = {("model." + n): leaves.get(n, part[n]) for n in part}
             with sim.autocast():
                 logits = batched_forward(params, x)
-                losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(k, bs)
+                losses = F.cross_entropy(
+                    logits.float().flatten(0, 1), y.flatten(), reduction="none"
+                ).view(len(rows), bs)
             per_client = (losses * mask).sum(1) / counts.clamp_min(1)
             grads = torch.autograd.grad(per_client.sum(), [leaves[n] for n in trained], allow_unused=True)
             grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(trained, grads)}
-            new = stacked_sgd_step({n: state[n] for n in trained}, grads, buffers, counts > 0, cfg)
-            state.update(new)
-            loss_sums += per_client.detach() * counts
+            new = stacked_sgd_step({n: part[n] for n in trained}, grads, part_buffers, counts > 0, cfg)
+            if len(rows) == k:
+                state.update(new)
+                loss_sums += per_client.detach() * counts
+            else:
+                for n, t in new.items():
+                    state[n] = state[n].index_copy(0, index, t)
+                for n, t in part_buffers.items():
+                    buffers[n].index_copy_(0, index, t)
+                loss_sums.index_add_(0, index, per_client.detach() * counts)
         return samples
 
 

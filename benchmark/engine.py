@@ -28,6 +28,7 @@ import torch
 from ..datasets import DATASETS, FederatedData, ImageSet, Partition, partition_for
 from ..methods import METHODS, ClientUpdate, Method, TrainStats
 from ..methods.aggregation import state_bytes
+from ..methods.structure import head_entries
 from .client import ClientRunner, PersonalStore, resolve_parallel
 from .config import RunConfig
 from .errors import UserError
@@ -256,23 +257,70 @@ class Simulation:
         metrics["round_seconds"] = time.perf_counter() - start
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, clients: Iterable[int] | None = None) -> EvalResult:
-        """Every client's val and test accuracy with its own personalized model."""
+        """Every client's val and test accuracy with its own personalized model.
+
+        Where every client holds the same body and only the head may be
+        personal (FedAvg, FedPer, FedRep, ...), the body runs once over all the
+        clients' images and each client's head is applied to its own features.
+        """
         k = self.data.num_clients
+        clients = list(range(k) if clients is None else clients)
         counts = {s: np.zeros(k, dtype=np.int64) for s in ("test_correct", "test_count", "val_correct", "val_count")}
         self.model.eval()
+        if clients and self._shared_body_evaluation():
+            self._evaluate_shared_body(clients, counts)
+        else:
+            self._evaluate_each(clients, counts)
+        return EvalResult(**counts)
+
+    def _shared_body_evaluation(self) -> bool:
+        """True when clients differ at most in the head and the method evaluates in the default way."""
+        method = type(self.method)
+        if method.evaluate is not Method.evaluate or method.broadcast is not Method.broadcast:
+            return False
+        try:
+            head = head_entries(self.model)
+        except ValueError:
+            return False
+        return set(self.personal_names) <= head
+
+    def _evaluate_each(self, clients: Sequence[int], counts: dict[str, np.ndarray]) -> None:
         bs = self.cfg.train.eval_batch_size
-        for client in range(k) if clients is None else clients:
+        for client in clients:
             self.load_client(client)
-            with self.autocast():
+            with torch.inference_mode(), self.autocast():
                 for split in ("test", "val"):
                     correct, total = self.method.evaluate(
                         self.forward_model, self.data.eval_batches(client, split, bs)
                     )
                     counts[f"{split}_correct"][client] = correct
                     counts[f"{split}_count"][client] = total
-        return EvalResult(**counts)
+
+    def _evaluate_shared_body(self, clients: Sequence[int], counts: dict[str, np.ndarray]) -> None:
+        model, bs = self.model, self.cfg.train.eval_batch_size
+        head = model.get_classifier()
+        prefix = next(name for name, m in model.named_modules() if m is head) + "."
+        self.load_client(clients[0])  # the shared body; heads are applied per client below
+        for split in ("test", "val"):
+            sizes = [self.data.num_samples(c, split) for c in clients]
+            if not sum(sizes):
+                continue
+            index = torch.cat([self.data.indices(c, split) for c in clients])
+            with torch.inference_mode(), self.autocast():
+                features = torch.cat([
+                    model.forward_head(model.forward_features(self.data.prepare(index[i : i + bs])[0]), pre_logits=True)
+                    for i in range(0, len(index), bs)
+                ])
+                labels = self.data.labels[index]
+                correct = []
+                for c, f, y in zip(clients, features.split(sizes), labels.split(sizes)):
+                    own = {n[len(prefix):]: t.to(f.device) for n, t in self.personal_state(c).items()}
+                    logits = torch.func.functional_call(head, own, (f,)) if own else head(f)
+                    correct.append((logits.argmax(dim=1) == y).sum())
+            for c, n, hits in zip(clients, sizes, torch.stack(correct).tolist()):  # one sync per split
+                counts[f"{split}_correct"][c] = hits
+                counts[f"{split}_count"][c] = n
 
     def fit_and_evaluate_held_out(self) -> EvalResult:
         """Let the method adapt to the held-out clients, then evaluate only them."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 
+from pflbench.benchmark import client
 from pflbench.benchmark.client import PersonalStore, resolve_parallel, stacked_sgd_step
 from pflbench.benchmark.config import TrainConfig
 from pflbench.benchmark.engine import Simulation
@@ -20,8 +22,11 @@ HARD = ["train.rounds=2", "data.partition=dirichlet", "train.momentum=0.9", "tra
         "train.max_grad_norm=1.0", "train.local_epochs=2"]
 
 
+@pytest.mark.parametrize("compact", [0.5, 0.0], ids=["gathered", "padded"])
 @pytest.mark.parametrize("method", ["fedavg", "fedper", "fedrep", "fedperfix"])
-def test_clients_trained_together_equal_sequential_training(method):
+def test_clients_trained_together_equal_sequential_training(method, compact, monkeypatch):
+    # padded: finished clients always take masked steps; gathered: once few are left, only those step.
+    monkeypatch.setattr(client, "COMPACT_BELOW", compact)
     extra = ["method.head_epochs=1"] if method == "fedrep" else []
     sims = {}
     for k in (1, 3):  # 3 of 4 clients: one group of three, then a lone client
@@ -143,3 +148,21 @@ def test_parallel_clients_setting():
         tiny_config("fedavg", "train.parallel_clients=0")
     with pytest.raises(UserError, match="train.parallel_clients"):
         tiny_config("fedavg", "train.parallel_clients=many")
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedper", "fedrep", "fedperfix"])
+def test_batched_evaluation_equals_evaluating_each_client(method):
+    sim = Simulation(tiny_config(method, "train.rounds=1", "data.val_fraction=0.2", "train.eval_batch_size=50"))
+    sim.run_round()
+    shared_body = method != "fedperfix"  # its personal plugins sit inside the body
+    assert sim._shared_body_evaluation() == shared_body
+    batched = sim.evaluate()
+    counts = {s: np.zeros(sim.data.num_clients, dtype=np.int64)
+              for s in ("test_correct", "test_count", "val_correct", "val_count")}
+    sim._evaluate_each(range(sim.data.num_clients), counts)
+    for key, value in counts.items():
+        assert getattr(batched, key).tolist() == value.tolist(), key
+    assert batched.val_count.sum() > 0 and batched.test_correct.sum() > 0
+    if method in ("fedper", "fedrep"):  # each client's own head is used: heads differ after training
+        heads = [sim.personal_state(c)["head.weight"] for c in range(sim.data.num_clients)]
+        assert not torch.equal(heads[0], heads[1])
