@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from .engine import Simulation
 
 
+FINETUNE_STREAM = 1  # batch-seed stream of the fine-tuning before evaluation (0 = local training)
+
 # Below this share of clients with a batch left, a step runs only those clients (gathered) instead of
 # padding the rest with masked steps: padded steps cost a full forward and backward each.
 COMPACT_BELOW = 0.5
@@ -95,17 +97,17 @@ class PersonalStore:
 class _ClientContext:
     """The `LocalContext` of one client's update; `train_epochs` is the one batch loop."""
 
-    def __init__(self, sim: Simulation, client: int, round_index: int):
+    def __init__(self, sim: Simulation, client: int, round_index: int, stream: int = 0):
         self.client = client
         self.round_index = round_index
         self.train: TrainConfig = sim.cfg.train
         self.data = sim.data
         self.device = sim.device
-        self.generator = sim.batch_generator(round_index, client)
+        self.generator = sim.batch_generator(round_index, client, stream)
         self._autocast = sim.autocast
 
-    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: int, forward=None) -> TrainStats:
-        """SGD on `params` only, for `epochs` passes over the client's training data."""
+    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward=None) -> TrainStats:
+        """SGD on `params` only, for `epochs` passes over the client's training data (a fraction ends early)."""
         params = list(params)
         cfg = self.train
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -121,7 +123,7 @@ class _ClientContext:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             loss_sum += loss.detach() * len(y)
-            samples += len(y)
+            samples += len(y)  # every sample here goes through a backward pass
         model.zero_grad(set_to_none=True)  # grads of params outside `params` must not linger
         return TrainStats(loss_sum, samples)
 
@@ -215,6 +217,15 @@ class ClientRunner:
         for name, value in sim._personal.get(client).items():
             sim._entries[name].copy_(value)
         return sent
+
+    @torch.no_grad()
+    def load_trained(self, update: ClientUpdate) -> None:
+        """Put a client's model as its local training left it into the worker model."""
+        sim = self.sim
+        for name, value in update.params.items():
+            sim._entries[name].copy_(value)
+        for name, value in sim._personal.get(update.client).items():
+            sim._entries[name].copy_(value)
 
     def _check_loss(self, client: int, round_index: int, loss_sum: torch.Tensor) -> None:
         loss = float(loss_sum)  # one sync per client

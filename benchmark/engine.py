@@ -12,6 +12,13 @@ they are never sampled and the round metrics leave them out; after the last
 round the method adapts to them (`Method.fit_held_out`, through the same
 one-client step the rounds use) and their accuracy is reported with the
 `novel_` prefix (`novel_test_acc_mean`, ...).
+
+Each round records its compute: `train_samples` (through a backward pass,
+fine-tuning before evaluation included) and `forward_samples` (only forwarded:
+evaluation). Where the server holds one complete model, that model is also
+evaluated on every client's test split (`global_test_acc_mean`). Accuracy is
+measured after aggregation on every client, or with `train.eval_timing =
+"after-local"` on the round's sampled clients right after local training.
 """
 
 from __future__ import annotations
@@ -29,15 +36,17 @@ from ..datasets import DATASETS, FederatedData, ImageSet, Partition, partition_f
 from ..methods import METHODS, ClientUpdate, Method, TrainStats
 from ..methods.aggregation import state_bytes
 from ..methods.structure import head_entries
-from .client import ClientRunner, PersonalStore, resolve_parallel
+from .client import FINETUNE_STREAM, ClientRunner, PersonalStore, _ClientContext, resolve_parallel
 from .config import RunConfig
-from .errors import UserError
+from .errors import TrainingDiverged, UserError
 from .models import build_model
 
 METRIC_NAMES = (
     "test_acc_mean", "test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds",
+    "train_samples", "forward_samples", "global_test_acc_mean",
 )
 HELD_OUT_PREFIX = "novel_"  # held-out clients' metrics: novel_test_acc_mean, ...
+GLOBAL_PREFIX = "global_"  # the server's one model on every client's test split: global_test_acc_mean, ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,6 +79,13 @@ class EvalResult:
     test_count: np.ndarray
     val_correct: np.ndarray
     val_count: np.ndarray
+    train_samples: int = 0  # samples trained on before evaluating (`Method.finetune_epochs`)
+    forward_samples: int = 0  # samples the evaluation forwarded
+
+    @classmethod
+    def empty(cls, num_clients: int) -> EvalResult:
+        """No client evaluated yet (count 0 everywhere)."""
+        return cls(*(np.zeros(num_clients, dtype=np.int64) for _ in range(4)))
 
     @staticmethod
     def _mean(correct: np.ndarray, count: np.ndarray) -> float:
@@ -132,7 +148,7 @@ class Simulation:
         self.partition = partition if partition is not None else self._make_partition()
         self.data = FederatedData(
             self.images, self.partition, device=self.device, image_size=cfg.model.image_size,
-            augment=cfg.data.augment,
+            augment=cfg.data.augment, normalize=cfg.data.normalize,
         )
         self.method: Method = METHODS.get(cfg.method.name)(cfg.method)
 
@@ -176,9 +192,14 @@ class Simulation:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def batch_generator(self, round_index: int, client: int) -> torch.Generator:
-        """The generator behind a client's batches in a round: independent of the visiting order."""
-        seed = np.random.SeedSequence([self.seeds["batches"], round_index, client]).generate_state(1)[0]
+    def batch_generator(self, round_index: int, client: int, stream: int = 0) -> torch.Generator:
+        """The generator behind a client's batches in a round: independent of the visiting order.
+
+        `stream` 0 drives local training; another stream (fine-tuning before
+        evaluation) gets batches of its own.
+        """
+        key = [self.seeds["batches"], round_index, client] + ([stream] if stream else [])
+        seed = np.random.SeedSequence(key).generate_state(1)[0]
         return torch.Generator().manual_seed(int(seed))
 
     @property
@@ -231,13 +252,20 @@ class Simulation:
         r = self.round_index
         selected = self.sample_clients()
         loss_sum = torch.zeros((), device=self.device)
-        loss_samples, bytes_up, bytes_down = 0, 0, 0
+        loss_samples, forward_samples, bytes_up, bytes_down = 0, 0, 0, 0
+        due = r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds
+        # The reference's timing: each sampled client as its local training left it.
+        after_local = EvalResult.empty(self.data.num_clients) if due and self._after_local else None
         self.method.start_aggregation()
         for done, (update, stats) in enumerate(self._train_round(selected, r), 1):
             bytes_down += state_bytes(update.sent)
             bytes_up += state_bytes(update.params)
             loss_sum += stats.loss_sum  # already checked finite
             loss_samples += stats.samples
+            forward_samples += stats.forward_samples
+            if after_local is not None:
+                self.clients.load_trained(update)
+                self._evaluate_loaded(update.client, after_local)
             self.method.add_update(update)  # a running sum: the update is dropped here
             del update
             for cb in callbacks:
@@ -249,9 +277,15 @@ class Simulation:
             "bytes_down": float(bytes_down),
             "clients": float(len(selected)),
         }
-        if r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds:
-            self.last_eval = self.evaluate(self.training_clients)
+        if due:
+            self.last_eval = after_local if after_local is not None else self.evaluate(self.training_clients)
             metrics.update(self.last_eval.metrics())
+            loss_samples += self.last_eval.train_samples
+            forward_samples += self.last_eval.forward_samples
+            if self.has_global_view:
+                metrics.update(self.evaluate_global(self.training_clients).metrics(GLOBAL_PREFIX))
+        metrics["train_samples"] = float(loss_samples)
+        metrics["forward_samples"] = float(forward_samples)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics["round_seconds"] = time.perf_counter() - start
@@ -260,24 +294,28 @@ class Simulation:
     def evaluate(self, clients: Iterable[int] | None = None) -> EvalResult:
         """Every client's val and test accuracy with its own personalized model.
 
-        Where every client holds the same body and only the head may be
-        personal (FedAvg, FedPer, FedRep, ...), the body runs once over all the
-        clients' images and each client's head is applied to its own features.
+        A method with `finetune_epochs` first trains each client's loaded model
+        on its own training split; the next `load_client` overwrites those weights.
+        Where every client holds the same body and only the head may be personal
+        (FedAvg, FedPer, FedRep, ...), the body runs once over all the clients'
+        images and each client's head is applied to its own features.
         """
-        k = self.data.num_clients
-        clients = list(range(k) if clients is None else clients)
-        counts = {s: np.zeros(k, dtype=np.int64) for s in ("test_correct", "test_count", "val_correct", "val_count")}
-        self.model.eval()
+        clients = list(range(self.data.num_clients) if clients is None else clients)
+        result = EvalResult.empty(self.data.num_clients)
         if clients and self._shared_body_evaluation():
-            self._evaluate_shared_body(clients, counts)
-        else:
-            self._evaluate_each(clients, counts)
-        return EvalResult(**counts)
+            self._evaluate_shared_body(clients, result)
+            return result
+        for client in clients:
+            self.load_client(client)
+            result.train_samples += self._finetune(client)
+            self._evaluate_loaded(client, result)
+        return result
 
     def _shared_body_evaluation(self) -> bool:
         """True when clients differ at most in the head and the method evaluates in the default way."""
         method = type(self.method)
-        if method.evaluate is not Method.evaluate or method.broadcast is not Method.broadcast:
+        if (method.evaluate is not Method.evaluate or method.broadcast is not Method.broadcast
+                or self.method.finetune_epochs()):
             return False
         try:
             head = head_entries(self.model)
@@ -285,23 +323,13 @@ class Simulation:
             return False
         return set(self.personal_names) <= head
 
-    def _evaluate_each(self, clients: Sequence[int], counts: dict[str, np.ndarray]) -> None:
-        bs = self.cfg.train.eval_batch_size
-        for client in clients:
-            self.load_client(client)
-            with torch.inference_mode(), self.autocast():
-                for split in ("test", "val"):
-                    correct, total = self.method.evaluate(
-                        self.forward_model, self.data.eval_batches(client, split, bs)
-                    )
-                    counts[f"{split}_correct"][client] = correct
-                    counts[f"{split}_count"][client] = total
-
-    def _evaluate_shared_body(self, clients: Sequence[int], counts: dict[str, np.ndarray]) -> None:
+    def _evaluate_shared_body(self, clients: Sequence[int], result: EvalResult) -> None:
+        """One body pass over every client's images, then each client's own head on its features."""
         model, bs = self.model, self.cfg.train.eval_batch_size
         head = model.get_classifier()
         prefix = next(name for name, m in model.named_modules() if m is head) + "."
         self.load_client(clients[0])  # the shared body; heads are applied per client below
+        model.eval()
         for split in ("test", "val"):
             sizes = [self.data.num_samples(c, split) for c in clients]
             if not sum(sizes):
@@ -319,8 +347,56 @@ class Simulation:
                     logits = torch.func.functional_call(head, own, (f,)) if own else head(f)
                     correct.append((logits.argmax(dim=1) == y).sum())
             for c, n, hits in zip(clients, sizes, torch.stack(correct).tolist()):  # one sync per split
-                counts[f"{split}_correct"][c] = hits
-                counts[f"{split}_count"][c] = n
+                getattr(result, f"{split}_correct")[c] = hits
+                getattr(result, f"{split}_count")[c] = n
+            result.forward_samples += sum(sizes)
+
+    @property
+    def _after_local(self) -> bool:
+        return self.cfg.train.eval_timing == "after-local"
+
+    @property
+    def has_global_view(self) -> bool:
+        """The server holds one complete model: nothing is personal and the method exposes it."""
+        return not self.personal_names and self.method.global_view() is not None
+
+    def _finetune(self, client: int) -> int:
+        """Train the loaded model on `client`'s own data through the one batch loop; samples trained."""
+        epochs = self.method.finetune_epochs()
+        if not epochs:
+            return 0
+        self.model.train()
+        ctx = _ClientContext(self, client, self.round_index, stream=FINETUNE_STREAM)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stats = ctx.train_epochs(self.forward_model, params, epochs)
+        loss = float(stats.loss_sum)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self.round_index, client, loss)
+        return stats.samples
+
+    @torch.inference_mode()
+    def _evaluate_loaded(self, client: int, result: EvalResult, splits: Sequence[str] = ("test", "val")) -> None:
+        """Accuracy of the model as loaded now on `client`'s splits, written into `result`."""
+        self.model.eval()
+        bs = self.cfg.train.eval_batch_size
+        with self.autocast():
+            for split in splits:
+                correct, total = self.method.evaluate(self.forward_model, self.data.eval_batches(client, split, bs))
+                getattr(result, f"{split}_correct")[client] = correct
+                getattr(result, f"{split}_count")[client] = total
+                result.forward_samples += total
+
+    def evaluate_global(self, clients: Iterable[int]) -> EvalResult:
+        """The server's one model (`Method.global_view`) on each client's test split."""
+        view = self.method.global_view()
+        assert view is not None and not self.personal_names, "only for methods with one global model"
+        with torch.no_grad():
+            for name, value in view.items():
+                self._entries[name].copy_(value)
+        result = EvalResult.empty(self.data.num_clients)
+        for client in clients:
+            self._evaluate_loaded(client, result, splits=("test",))
+        return result
 
     def fit_and_evaluate_held_out(self) -> EvalResult:
         """Let the method adapt to the held-out clients, then evaluate only them."""

@@ -11,6 +11,7 @@ workers in the hot loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -82,6 +83,29 @@ def register_dataset(
     return wrap
 
 
+NORMALIZATIONS = ("train", "fixed")  # train: statistics of the training images only; fixed: (0.5, 0.5)
+
+
+def channel_statistics(images: torch.Tensor, index: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std in [0, 1] of `images[index]` (uint8 N,H,W,C), in float64 chunks.
+
+    Only the given images enter the statistics, so test images never shape
+    the preprocessing of the training ones.
+    """
+    channels = images.shape[-1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    square = torch.zeros(channels, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(index), chunk):
+        x = images[index[start : start + chunk]].reshape(-1, channels).double().div_(255)
+        total += x.sum(0)
+        square += x.square().sum(0)
+        count += len(x)
+    mean = total / max(count, 1)
+    var = (square / max(count, 1) - mean.square()).clamp_min(0) * count / max(count - 1, 1)
+    return mean, var.sqrt()
+
+
 class FederatedData:
     """All images on one device, and every client's train / val / test indices."""
 
@@ -93,6 +117,7 @@ class FederatedData:
         device: torch.device | str = "cpu",
         image_size: int = 0,
         augment: bool = True,
+        normalize: str = "train",
     ):
         self.device = torch.device(device)
         self.partition = partition
@@ -104,11 +129,15 @@ class FederatedData:
         self.hflip = images.hflip
         self.augment = augment
         host = torch.from_numpy(np.ascontiguousarray(images.images))
-        # Normalization constants from the whole set: a fixed preprocessing choice.
-        as_float = host.float().div_(255)
-        self.mean = as_float.mean(dim=(0, 1, 2)).to(self.device).view(1, -1, 1, 1)
-        self.std = as_float.std(dim=(0, 1, 2)).clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)
-        del as_float
+        if normalize == "fixed":  # the reference's transform: (x - 0.5) / 0.5
+            mean, std = torch.full((self.in_chans,), 0.5), torch.full((self.in_chans,), 0.5)
+        elif normalize == "train":
+            train = np.unique(np.concatenate([np.asarray(ix, dtype=np.int64) for ix in partition.train]))
+            mean, std = channel_statistics(host, torch.from_numpy(train))
+        else:
+            raise ValueError(f"unknown normalization {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+        self.mean = mean.float().to(self.device).view(1, -1, 1, 1)
+        self.std = std.float().clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)
         self.images = host.permute(0, 3, 1, 2).contiguous().to(self.device)  # uint8 N,C,H,W
         self.labels = torch.from_numpy(images.labels.astype(np.int64)).to(self.device)
         self._splits = {
@@ -159,12 +188,19 @@ class FederatedData:
         return padded[batch_ix, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
     def train_batches(
-        self, client: int, epochs: int, batch_size: int, generator: torch.Generator
+        self, client: int, epochs: float, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`epochs` shuffled passes over a client's training samples."""
+        """`epochs` shuffled passes over a client's training samples.
+
+        A fractional part is the first share of one more shuffled pass (at
+        least one sample), so a budget of 0.5 epochs sees half the samples.
+        """
         index = self._splits["train"][client]
-        for _ in range(epochs):
+        whole = int(epochs)
+        for epoch in range(math.ceil(epochs)):
             order = torch.randperm(len(index), generator=generator).to(self.device)
+            if epoch == whole:  # the fractional pass
+                order = order[: max(1, round((epochs - whole) * len(index)))]
             shuffled = index[order]
             for start in range(0, len(shuffled), batch_size):
                 yield self.prepare(shuffled[start : start + batch_size], generator)

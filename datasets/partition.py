@@ -60,11 +60,15 @@ def register_partitioner(name: str, description: str) -> Callable[[Partitioner],
 
 def dirichlet_split(
     labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_samples: int = 0,
-    max_tries: int = 1000,
+    max_tries: int = 1000, cap: bool = False,
 ) -> list[np.ndarray]:
     """Label-skewed split: each class is divided over clients by Dirichlet(alpha) shares.
 
-    Draws again until every client holds at least `min_samples` samples.
+    Draws again (the whole split) until every client holds at least
+    `min_samples` samples. With `cap`, as the FedPerfix reference (PFLlib)
+    does, classes are dealt in order and a client that already holds N/K
+    samples gets a zero share of every later class, which narrows the spread
+    of client sizes.
     """
     if min_samples * num_clients > len(labels):
         raise UserError(
@@ -74,12 +78,18 @@ def dirichlet_split(
     classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for _ in range(max_tries):
         clients: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        sizes = np.zeros(num_clients)
         for members in classes:
             members = rng.permutation(members)
             shares = rng.dirichlet(np.full(num_clients, alpha))
+            if cap:
+                open_ = sizes < len(labels) / num_clients
+                if open_.any() and (shares * open_).sum() > 0:
+                    shares = shares * open_ / (shares * open_).sum()
             cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
             for client, part in enumerate(np.split(members, cuts)):
                 clients[client].append(part)
+                sizes[client] += len(part)
         merged = [np.sort(np.concatenate(parts)) for parts in clients]
         if min(len(m) for m in merged) >= min_samples:
             return merged
@@ -91,7 +101,7 @@ def dirichlet_split(
 
 @register_partitioner("dirichlet", "label skew: each class split over clients by Dirichlet(data.alpha) shares")
 def dirichlet(labels, num_clients, rng, cfg, domains=None):
-    return dirichlet_split(labels, num_clients, cfg.alpha, rng, cfg.min_samples)
+    return dirichlet_split(labels, num_clients, cfg.alpha, rng, cfg.min_samples, cap=cfg.dirichlet_cap)
 
 
 @register_partitioner("iid", "uniformly random, equal-sized clients")
@@ -163,7 +173,7 @@ def natural(labels, num_clients, rng, cfg, domains=None):
         if per_domain == 1:
             clients.append(members)
         else:
-            parts = dirichlet_split(labels[members], per_domain, cfg.alpha, rng, cfg.min_samples)
+            parts = dirichlet_split(labels[members], per_domain, cfg.alpha, rng, cfg.min_samples, cap=cfg.dirichlet_cap)
             clients += [members[ix] for ix in parts]
     return clients
 
@@ -226,13 +236,25 @@ class Partition:
         return counts
 
 
+def largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
+    """`total` split over groups in proportion to `counts`, in whole numbers that sum to `total`."""
+    exact = counts * (total / max(counts.sum(), 1))
+    out = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - out), kind="stable")
+    out[order[: total - out.sum()]] += 1
+    return out
+
+
 def split_client(
-    indices: np.ndarray, val_fraction: float, test_fraction: float, rng: np.random.Generator
+    indices: np.ndarray, val_fraction: float, test_fraction: float, rng: np.random.Generator,
+    labels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shuffle one client's samples into (train, val, test) by the given fractions.
 
     A client with at least 3 samples always gets one in each split that has
-    a non-zero fraction, so every client can be evaluated.
+    a non-zero fraction, so every client can be evaluated. With `labels`
+    (the whole dataset's) the split is stratified: each class gives every
+    split its share (largest remainders), the split sizes unchanged.
     """
     order = rng.permutation(indices)
     n = len(order)
@@ -243,8 +265,19 @@ def split_client(
         n_val = max(n_val, 1 if val_fraction > 0 else 0)
     n_test = min(n_test, max(n - 1, 0))
     n_val = min(n_val, max(n - 1 - n_test, 0))
-    test, val, train = np.split(order, [n_test, n_test + n_val])
-    return np.sort(train), np.sort(val), np.sort(test)
+    if labels is None:
+        test, val, train = np.split(order, [n_test, n_test + n_val])
+        return np.sort(train), np.sort(val), np.sort(test)
+    classes, counts = np.unique(labels[order], return_counts=True)
+    per_test = largest_remainder(counts, n_test)
+    per_val = largest_remainder(counts - per_test, n_val)
+    parts: tuple[list[np.ndarray], ...] = ([], [], [])
+    for cls, k_test, k_val in zip(classes, per_test, per_val):
+        members = order[labels[order] == cls]  # already shuffled
+        for part, piece in zip(parts[::-1], np.split(members, [k_test, k_test + k_val])):
+            part.append(piece)
+    train, val, test = (np.sort(np.concatenate(p)) for p in parts)
+    return train, val, test
 
 
 def distribute_like(
@@ -301,7 +334,8 @@ def make_partition(
     pool_domains = None if domains is None else np.asarray(domains)[pool]
     clients = [pool[ix] for ix in entry.split(labels[pool], cfg.num_clients, rng, cfg, pool_domains)]
     test_fraction = 0.0 if keep_test else cfg.test_fraction
-    splits = [split_client(ix, cfg.val_fraction, test_fraction, rng) for ix in clients]
+    by_class = labels if cfg.stratify else None
+    splits = [split_client(ix, cfg.val_fraction, test_fraction, rng, by_class) for ix in clients]
     train, val, test = (list(s) for s in zip(*splits))
     if keep_test:
         test = distribute_like(np.flatnonzero(official_test), labels, clients, rng)

@@ -9,6 +9,8 @@ differs from FedAvg (the base behaviour here):
                                    `start_aggregation` / `add_update` / `finish_aggregation`
 
 Optional: `adapt_model` (add modules before training), `evaluate`,
+`finetune_epochs` (train on the client's own data before evaluating),
+`global_view` (the one model the server holds, for `global_test_acc_mean`),
 `search_space` (the method's tuning space, duck-typed over an Optuna trial),
 `run_info` (numbers logged at run start), and the held-out ("novel") client
 pair `held_out_clients` / `fit_held_out`.
@@ -35,13 +37,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainStats:
-    """The summed loss (a device tensor, so no sync per batch) over `samples` samples."""
+    """The summed loss (a device tensor, so no sync per batch) over `samples` samples.
+
+    `samples` went through a backward pass; `forward_samples` were only forwarded.
+    The engine sums both over a round (`train_samples`, `forward_samples`) so
+    that each method's compute is on record.
+    """
 
     loss_sum: torch.Tensor
     samples: int
+    forward_samples: int = 0
 
     def __add__(self, other: TrainStats) -> TrainStats:
-        return TrainStats(self.loss_sum + other.loss_sum, self.samples + other.samples)
+        return TrainStats(
+            self.loss_sum + other.loss_sum, self.samples + other.samples, self.forward_samples + other.forward_samples
+        )
 
     def mean(self) -> float:
         return float(self.loss_sum) / max(self.samples, 1)
@@ -71,7 +81,7 @@ class Phase:
     """
 
     params: tuple[str, ...]  # names of the parameters trained in this phase
-    epochs: int  # passes over the client's training data
+    epochs: float  # passes over the client's training data (a fraction ends part-way through one)
     forward: Forward | None = None  # logits of a batch; None = model(x)
 
 
@@ -180,6 +190,22 @@ class Method:
         for update in updates:
             self.add_update(update)
         self.finish_aggregation()
+
+    def global_view(self) -> Mapping[str, torch.Tensor] | None:
+        """The server's complete shared state, when one model serves every client.
+
+        The engine evaluates it on each client's test split (`global_test_acc_mean`)
+        when the method keeps nothing personal; a method whose server generates a
+        different state per client returns None.
+        """
+        return self.global_state
+
+    def finetune_epochs(self) -> float:
+        """Epochs each client trains the loaded model on its own training split
+        before its personalized evaluation (0 = evaluate as loaded). The
+        fine-tuned weights are evaluated and dropped: they reach neither the
+        server nor the client's next round."""
+        return 0
 
     # -- optional -------------------------------------------------------------
     @torch.no_grad()

@@ -1,29 +1,39 @@
 """pFedHN (Shamsian et al., ICML 2021) for Vision Transformers, with a chunked hypernetwork.
 
 The server keeps a learned embedding per client and a hypernetwork that turns
-an embedding into the client's copy of the *target* tensors (default: every
-block's attention qkv and proj weights). Generating each tensor with its own
-linear output layer, as the paper does for small CNNs, would need
+an embedding into the client's copy of the *target* tensors: every block's
+attention qkv and proj weights by default, plus the classifier head (the paper
+generates every layer, the classifier included). Generating each tensor with
+its own linear output layer, as the paper does for small CNNs, would need
 `hidden_dim x numel` weights per tensor (billions for ViT-S), so the
 generator here emits fixed-size chunks instead:
 
-    h       = MLP(e_client)                       the paper's MLP body
-    chunk_j = W (h * c_j) + b                     one linear generator for all chunks
-    targets = concat(chunk_1 .. chunk_J)[:N], cut and reshaped into the target tensors
+    h         = MLP(e_client)                     the paper's MLP body
+    chunk_j   = W (h * c_j) + b                   one linear generator for all chunks
+    targets   = base + concat(chunk_1 .. chunk_J)[:N], cut and reshaped into the target tensors
 
 `c_j` is a learned embedding of chunk j (width `hidden_dim`) that gates the
-client features, so each chunk reads its own linear view of the client. (A
-concatenation `[h; c_j]` would add the *same* client vector to every chunk.)
-Stacked over chunks the output is `C diag(h) W^T + b`: like the paper's
-per-tensor output layers it is linear in h, only factorized, and the
-hypernetwork grows with the target by one chunk embedding per chunk.
+client features, so each chunk reads its own linear view of the client.
+Stacked over chunks the chunked output is `C diag(h) W^T + 1 b^T`: its rank is
+at most `hidden_dim + 1` per generated matrix, far below a ViT-S attention
+matrix's. So a full-size learned `base`, shared by every client, carries the
+common solution (it starts at the model's own initial weights), and the
+hypernetwork only the client's deviation from it, which starts small
+(`init_deviation`). The hypernetwork grows with the target by one chunk
+embedding per chunk; the base is one value per generated value, like the
+model it stands for.
 
-Untargeted shared entries are averaged exactly as in FedAvg; variant `pc`
-(pFedHN-PC) keeps the classifier head personal as well. After local training
-on the generated weights each client returns them; the server pushes
-`delta = sent - after` back through the hypernetwork (a vector-Jacobian
-product), clips the gradient norm and steps two SGD optimizers: one for the
-hypernetwork, one for the client embeddings.
+Variant `pc` (pFedHN-PC) keeps the classifier head on the client instead.
+Untargeted shared entries are averaged exactly as in FedAvg. After local
+training on the generated weights each client returns them; the server pushes
+`delta = sent - after` back through the generator (a vector-Jacobian product;
+for the base it is the delta itself, so `base_lr = 1` is FedAvg's step there),
+clips the hypernetwork's gradient norm and steps SGD on the base, the
+hypernetwork and the client embeddings. The hypernetwork's learning rates are
+divided by the largest eigenvalue of `J J^T` (its Jacobian at the start, by
+power iteration), so with `hn_lr = 1` its step moves a client's generated
+weights by at most the client's delta along any direction, at every chunk
+count: without it a ViT-S-sized step overshoots the delta many times over.
 """
 
 from __future__ import annotations
@@ -51,12 +61,14 @@ class PFedHNOptions(MethodConfig):
     """Options of pFedHN (`method.*`)."""
 
     target: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET))  # glob patterns of generated entries
-    variant: str = "hn"  # hn: only the targets are personalized; pc: the classifier head stays personal too
+    variant: str = "hn"  # hn: the classifier head is generated too (the paper); pc: the head stays on the client
     embed_dim: int = 0  # client embedding size; 0 = 1 + num_clients // 4 (the paper's rule)
     hidden_dim: int = 100  # width of the MLP body and of the chunk embeddings
     n_hidden: int = 3  # hidden->hidden layers of the MLP body after its input layer
     chunk_size: int = 2048  # values the generator emits per chunk
-    hn_lr: float = 0.1  # SGD learning rate of the hypernetwork (0.1 with momentum 0.9: about FedAvg's step)
+    hn_lr: float = 0.1  # SGD learning rate of the hypernetwork, in units of its largest step (see the module doc)
+    base_lr: float = 1.0  # SGD learning rate of the shared base (1: FedAvg's step; no momentum, no decay)
+    init_deviation: float = 0.1  # RMS of the clients' initial deviation from the base, relative to the targets' RMS
     embed_lr: float = 0.0  # SGD learning rate of the client embeddings; 0 = hn_lr
     momentum: float = 0.9  # SGD momentum of both server optimizers
     weight_decay: float = 1e-3  # SGD weight decay of both server optimizers
@@ -80,6 +92,8 @@ class PFedHNOptions(MethodConfig):
         for key in ("n_hidden", "novel_clients"):
             require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         require(self.hn_lr > 0, "hn_lr", self.hn_lr, "must be > 0")
+        require(self.base_lr > 0, "base_lr", self.base_lr, "must be > 0")
+        require(self.init_deviation > 0, "init_deviation", self.init_deviation, "must be > 0")
         require(self.embed_lr >= 0, "embed_lr", self.embed_lr, "must be > 0, or 0 for hn_lr")
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
@@ -87,7 +101,7 @@ class PFedHNOptions(MethodConfig):
 
 
 class ChunkedHypernetwork(nn.Module):
-    """Client embedding -> MLP -> one linear generator shared by all chunks, gated by chunk embeddings."""
+    """A shared full-size base + (client embedding -> MLP -> one linear generator gated by chunk embeddings)."""
 
     def __init__(
         self,
@@ -112,20 +126,30 @@ class ChunkedHypernetwork(nn.Module):
         self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, hidden_dim))
         self.generator = nn.Linear(hidden_dim, chunk_size)
         nn.init.zeros_(self.generator.bias)  # so `init_scale` scales the output exactly
+        self.base = nn.Parameter(torch.zeros(self.num_generated))  # the shared part, all targets flattened
 
-    def generate(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The target tensors generated from one client embedding (shape `(embed_dim,)`)."""
+    def deviation(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The client's flat deviation from the base, from its embedding (shape `(embed_dim,)`)."""
         h = self.body(embedding)
         chunks = self.generator(self.chunk_embeddings * h)  # (num_chunks, chunk_size)
-        flat = chunks.reshape(-1)[: self.num_generated]
+        return chunks.reshape(-1)[: self.num_generated]
+
+    def generate(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The target tensors generated from one client embedding: base + deviation."""
+        flat = self.base + self.deviation(embedding)
         return {name: piece.view(shape) for (name, shape), piece in zip(self.shapes.items(), flat.split(self.sizes))}
 
     def forward(self, client: int) -> dict[str, torch.Tensor]:
         return self.generate(self.embeddings.weight[client])
 
     def hypernetwork_parameters(self) -> list[nn.Parameter]:
-        """Everything but the client embeddings: the part shared by all clients."""
-        return [p for name, p in self.named_parameters() if not name.startswith("embeddings.")]
+        """The generator of the deviation, shared by all clients: neither the base nor the embeddings."""
+        return [p for name, p in self.named_parameters() if name != "base" and not name.startswith("embeddings.")]
+
+    @torch.no_grad()
+    def set_base(self, targets: Mapping[str, torch.Tensor]) -> None:
+        """Start the base at the given target tensors (the model's initial weights)."""
+        self.base.copy_(torch.cat([targets[name].reshape(-1).to(self.base.dtype) for name in self.shapes]))
 
     def num_hypernetwork_parameters(self) -> int:
         return sum(p.numel() for p in self.hypernetwork_parameters())
@@ -135,11 +159,9 @@ class ChunkedHypernetwork(nn.Module):
         """Set the scale of the generator's input and output at the start.
 
         Input: the chunk embeddings are scaled so `||h * c_j||^2` is 1 on average
-        over clients and chunks. That fixes the server step's size along the
-        generator: with `hn_lr = 1` a client's generated weights move by about the
-        change it sent back (the step FedAvg takes), whatever the widths.
-        Output: the generator is scaled so the generated values' RMS over all
-        clients is `rms`, the RMS of the model's own initial target tensors.
+        over clients and chunks, whatever the widths.
+        Output: the generator is scaled so the deviations' RMS over all clients
+        is `rms`.
         """
         h = self.body(self.embeddings.weight)  # (num_clients, hidden_dim)
         features = float((h.square().mean(0) * self.chunk_embeddings.square().mean(0)).sum())
@@ -147,9 +169,7 @@ class ChunkedHypernetwork(nn.Module):
             self.chunk_embeddings.mul_(1 / math.sqrt(features))
         if rms <= 0:
             return
-        square_sum = sum(
-            float(sum(t.square().sum() for t in self(c).values())) for c in range(self.embeddings.num_embeddings)
-        )
+        square_sum = sum(float(self.deviation(row).square().sum()) for row in self.embeddings.weight)
         current = math.sqrt(square_sum / (self.num_generated * self.embeddings.num_embeddings))
         if current > 0:
             self.generator.weight.mul_(rms / current)
@@ -174,29 +194,58 @@ def vector_jacobian(
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
+def top_step_eigenvalue(hn: ChunkedHypernetwork, client: int = 0, iterations: int = 20) -> float:
+    """The largest eigenvalue of `J J^T`, J the Jacobian of client `client`'s deviation
+    with respect to the hypernetwork and its embedding row (by power iteration).
+
+    An SGD step of size `lr` along `J^T delta` moves the deviation by
+    `lr J J^T delta`; dividing `lr` by this eigenvalue bounds that move by
+    `||delta||` along every direction.
+    """
+    inputs = [*hn.hypernetwork_parameters(), hn.embeddings.weight]
+    with torch.enable_grad():
+        out = hn.deviation(hn.embeddings.weight[client])
+        probe = torch.zeros_like(out, requires_grad=True)
+        # J^T probe, kept differentiable in `probe`: its gradient gives J v (a Jacobian-vector product).
+        transposed = torch.autograd.grad(out, inputs, grad_outputs=probe, create_graph=True)
+        u = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+        u = u / u.norm()
+        value = 0.0
+        for _ in range(iterations):
+            v = torch.autograd.grad(out, inputs, grad_outputs=u, retain_graph=True)  # J^T u
+            (w,) = torch.autograd.grad(transposed, probe, grad_outputs=list(v), retain_graph=True)  # J J^T u
+            value = float(w.norm())
+            if value == 0:
+                return 0.0
+            u = w / value
+    return value
+
+
 class RoundGradient:
     """The server's gradient for one round, summed client by client as updates arrive.
 
-    Shared hypernetwork parameters: the weighted mean over the round's clients
-    of `J_i^T delta_i`, i.e. one step on the round's clients as a minibatch
-    (each weighted by its samples, as FedAvg weights the rest of the model).
-    Client embeddings: each client's row gets its own, undivided
-    `J_i^T delta_i`, the step the paper takes for the client it visits. Every
-    vector-Jacobian product is taken at the parameters that generated the
-    tensors the clients were sent (nothing steps until `result`).
+    Shared parameters (the base and the hypernetwork): the weighted mean over
+    the round's clients of `J_i^T delta_i` (for the base, `delta_i` itself),
+    i.e. one step on the round's clients as a minibatch (each weighted by its
+    samples, as FedAvg weights the rest of the model). Client embeddings: each
+    client's row gets its own, undivided `J_i^T delta_i`, the step the paper
+    takes for the client it visits. Every vector-Jacobian product is taken at
+    the parameters that generated the tensors the clients were sent (nothing
+    steps until `result`).
     """
 
     def __init__(self, hn: ChunkedHypernetwork):
         self.hn = hn
-        self.shared = hn.hypernetwork_parameters()
+        self.table = hn.embeddings.weight
+        self.shared = [p for p in hn.parameters() if p is not self.table]
         self.grads = [torch.zeros_like(p) for p in self.shared]
-        self.table_grad = torch.zeros_like(hn.embeddings.weight)
+        self.table_grad = torch.zeros_like(self.table)
         self.total = 0.0  # summed weights
 
     def add(self, client: int, delta: Mapping[str, torch.Tensor], weight: float) -> None:
         """One client's `J^T delta`, with its weight."""
         with torch.enable_grad():
-            row = self.hn.embeddings.weight[client]
+            row = self.table[client]
             *shared_grads, row_grad = vector_jacobian(self.hn.generate(row), delta, [*self.shared, row])
         for acc, g in zip(self.grads, shared_grads):
             acc.add_(g, alpha=float(weight))
@@ -206,7 +255,7 @@ class RoundGradient:
     def result(self) -> dict[str, torch.Tensor]:
         """The gradient by parameter name of the hypernetwork."""
         by_param = {id(p): g / self.total for p, g in zip(self.shared, self.grads)}
-        by_param[id(self.hn.embeddings.weight)] = self.table_grad
+        by_param[id(self.table)] = self.table_grad
         return {name: by_param[id(p)] for name, p in self.hn.named_parameters()}
 
 
@@ -238,7 +287,7 @@ def clip_and_step(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor],
 
 @register("pfedhn")
 class PFedHN(Method):
-    """pFedHN (Shamsian et al., 2021): a server hypernetwork generates each client's attention weights."""
+    """pFedHN (Shamsian et al., 2021): a server hypernetwork generates each client's attention weights and head."""
 
     Options = PFedHNOptions
     options: PFedHNOptions
@@ -276,7 +325,7 @@ class PFedHN(Method):
         clients = list(clients)
         table = self.hn.embeddings.weight
         novel = nn.Parameter(table.detach()[clients].clone())
-        optimizer = torch.optim.SGD([novel], lr=opts.embed_lr or opts.hn_lr, momentum=opts.momentum,
+        optimizer = torch.optim.SGD([novel], lr=self.embed_optimizer.param_groups[0]["lr"], momentum=opts.momentum,
                                     weight_decay=opts.weight_decay)
         for step in range(1, opts.novel_rounds + 1):
             updates = [train_client(c, step) for c in clients]
@@ -294,23 +343,28 @@ class PFedHN(Method):
         opts = self.options
         self.targets = self._select_targets(model, shared)
         super().server_init(model, {n: t for n, t in shared.items() if n not in set(self.targets)}, num_clients)
-        initial = [shared[n].detach().float() for n in self.targets]
-        rms = math.sqrt(sum(float(t.square().sum()) for t in initial) / sum(t.numel() for t in initial))
+        initial = {n: shared[n].detach().float() for n in self.targets}
+        rms = math.sqrt(sum(float(t.square().sum()) for t in initial.values()) / sum(t.numel() for t in initial.values()))
         self.hn = ChunkedHypernetwork(
             num_clients, {n: shared[n].shape for n in self.targets},
             embed_dim=opts.embed_dim or 1 + num_clients // 4, hidden_dim=opts.hidden_dim,
             n_hidden=opts.n_hidden, chunk_size=opts.chunk_size,
-        ).to(initial[0].device)
-        self.hn.init_scale(rms)
+        ).to(next(iter(initial.values())).device)
+        self.hn.init_scale(opts.init_deviation * rms)
+        self.hn.set_base(initial)
+        self.step_eigenvalue = top_step_eigenvalue(self.hn)
+        scale = 1 / self.step_eigenvalue if self.step_eigenvalue > 0 else 1.0
         common = {"momentum": opts.momentum, "weight_decay": opts.weight_decay}
-        self.hn_optimizer = torch.optim.SGD(self.hn.hypernetwork_parameters(), lr=opts.hn_lr, **common)
+        self.base_optimizer = torch.optim.SGD([self.hn.base], lr=opts.base_lr)
+        self.hn_optimizer = torch.optim.SGD(self.hn.hypernetwork_parameters(), lr=opts.hn_lr * scale, **common)
         self.embed_optimizer = torch.optim.SGD(
-            [self.hn.embeddings.weight], lr=opts.embed_lr or opts.hn_lr, **common
+            [self.hn.embeddings.weight], lr=(opts.embed_lr or opts.hn_lr) * scale, **common
         )
 
     def _select_targets(self, model: nn.Module, shared: Mapping[str, torch.Tensor]) -> list[str]:
         names = list(model.state_dict(keep_vars=True))
-        chosen: set[str] = set()
+        # Variant hn generates the classifier too, as the paper generates every layer.
+        chosen: set[str] = head_entries(model) if self.options.variant == "hn" else set()
         for pattern in self.options.target:
             matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
             if not matched:
@@ -332,6 +386,9 @@ class PFedHN(Method):
             generated = self.hn(client)
         return {**self.global_state, **generated}
 
+    def global_view(self) -> None:
+        return None  # every client gets weights generated for it: no one global model
+
     def _delta(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         return {n: (update.sent[n] - update.params[n]).float() for n in self.targets}
 
@@ -347,13 +404,16 @@ class PFedHN(Method):
         self._round.add(update.client, self._delta(update), update.num_samples)
 
     def finish_aggregation(self) -> None:
-        """One clipped step of the hypernetwork and the embeddings on the round's gradient."""
+        """One step of the base, the hypernetwork and the embeddings on the round's gradient."""
         super().finish_aggregation()
         acc, self._round = self._round, None
         if acc is None or acc.total <= 0:
             return
+        assert self.hn is not None
         grads = acc.result()
         params = dict(self.hn.named_parameters())
+        # The base's step is the clients' mean delta, unclipped (FedAvg's step at base_lr = 1).
+        clip_and_step([params["base"]], [grads.pop("base")], 0, [self.base_optimizer])
         clip_and_step([params[n] for n in grads], list(grads.values()), self.options.max_grad_norm,
                       [self.hn_optimizer, self.embed_optimizer])
 
@@ -363,6 +423,8 @@ class PFedHN(Method):
             return {}
         return {
             "hn_parameters": self.hn.num_hypernetwork_parameters(),
+            "hn_base_parameters": self.hn.base.numel(),
+            "hn_step_eigenvalue": self.step_eigenvalue,
             "hn_client_embedding_parameters": self.hn.embeddings.weight.numel(),
             "hn_chunks": self.hn.num_chunks,
             "hn_generated_parameters": self.hn.num_generated,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import weakref
 
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -12,7 +11,7 @@ from conftest import tiny_config
 from pflbench.benchmark import client
 from pflbench.benchmark.client import PersonalStore, resolve_parallel, stacked_sgd_step
 from pflbench.benchmark.config import TrainConfig
-from pflbench.benchmark.engine import Simulation
+from pflbench.benchmark.engine import EvalResult, Simulation
 from pflbench.benchmark.errors import UserError
 from pflbench.methods.aggregation import RunningWeightedMean, weighted_mean
 from pflbench.methods.structure import head_entries
@@ -157,12 +156,25 @@ def test_batched_evaluation_equals_evaluating_each_client(method):
     shared_body = method != "fedperfix"  # its personal plugins sit inside the body
     assert sim._shared_body_evaluation() == shared_body
     batched = sim.evaluate()
-    counts = {s: np.zeros(sim.data.num_clients, dtype=np.int64)
-              for s in ("test_correct", "test_count", "val_correct", "val_count")}
-    sim._evaluate_each(range(sim.data.num_clients), counts)
-    for key, value in counts.items():
-        assert getattr(batched, key).tolist() == value.tolist(), key
+    each = EvalResult.empty(sim.data.num_clients)
+    for c in range(sim.data.num_clients):  # the per-client path: load, then evaluate
+        sim.load_client(c)
+        sim._evaluate_loaded(c, each)
+    for key in ("test_correct", "test_count", "val_correct", "val_count"):
+        assert getattr(batched, key).tolist() == getattr(each, key).tolist(), key
+    assert batched.forward_samples == each.forward_samples
     assert batched.val_count.sum() > 0 and batched.test_correct.sum() > 0
     if method in ("fedper", "fedrep"):  # each client's own head is used: heads differ after training
         heads = [sim.personal_state(c)["head.weight"] for c in range(sim.data.num_clients)]
         assert not torch.equal(heads[0], heads[1])
+
+
+def test_after_local_evaluation_sees_each_clients_trained_model_when_trained_together():
+    results = []
+    for k in (1, 4):
+        sim = Simulation(tiny_config("fedper", "train.rounds=1", "train.eval_timing=after-local",
+                                     f"train.parallel_clients={k}"))
+        results.append(sim.run_round())
+    seq, together = results
+    assert seq["test_acc_mean"] == pytest.approx(together["test_acc_mean"], abs=0.02)
+    assert seq["forward_samples"] == together["forward_samples"]

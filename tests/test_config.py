@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pflbench.benchmark.config import (
-    RunConfig, config_hash, flatten, list_presets, parse_override, resolve_config, to_toml,
-)
+from pflbench.benchmark.config import RunConfig, config_hash, flatten, list_presets, parse_override, to_toml
+from pflbench.benchmark.resolve import RunSpec, resolve_config
 from pflbench.benchmark.errors import UserError
 
 
@@ -98,3 +97,41 @@ def test_presets_are_listed_with_descriptions():
 
 def test_parse_override_keeps_equals_in_value():
     assert parse_override("method.personal=a=b") == ("method.personal", "a=b")
+
+
+def test_run_spec_is_one_value_for_every_command():
+    spec = RunSpec(preset="smoke", overrides=["train.lr=0.2"], seed=4)
+    assert spec.overrides == ("train.lr=0.2",)  # a list is frozen to a tuple: hashable, picklable
+    later = spec.with_overrides("train.lr=0.3")
+    assert later.resolve("fedavg", "digits").train.lr == 0.3  # added settings come last
+    assert spec.resolve("fedavg", "digits").train.lr == 0.2 and spec.resolve("local", "digits").seed == 4
+
+
+def test_config_module_imports_no_registry():
+    import subprocess
+    import sys
+
+    code = ("import sys, pflbench.benchmark.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('pflbench.methods', 'pflbench.datasets'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("preset,dataset", [
+    ("paper-cifar100", "cifar100"), ("paper-organamnist", "organamnist"), ("paper-officehome", "officehome"),
+])
+def test_paper_presets_run_the_reference_protocol(preset, dataset):
+    cfg = resolve_config("fedperfix", dataset, preset=preset)
+    assert (cfg.data.min_samples, cfg.data.dirichlet_cap, cfg.data.normalize) == (256, True, "fixed")
+    assert cfg.train.eval_timing == "after-local"
+    assert cfg.data.stratify == (dataset == "officehome")
+    # The reference keeps the last block personal on CIFAR-100 only.
+    assert cfg.method.personal_blocks == (1 if dataset == "cifar100" else 0)
+    assert resolve_config("fedavg", dataset, preset=preset).method.name == "fedavg"  # the table is FedPerfix's
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu-cifar10", "cpu-cifar100", "cpu-officehome"])
+def test_other_presets_keep_the_defaults(preset):
+    cfg = resolve_config("fedperfix", "imagefolder" if preset == "cpu-cifar10" else "digits", preset=preset)
+    assert (cfg.data.dirichlet_cap, cfg.data.normalize, cfg.data.stratify) == (False, "train", False)
+    assert cfg.train.eval_timing == "after-aggregation" and cfg.method.personal_blocks == 0

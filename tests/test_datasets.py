@@ -7,6 +7,7 @@ import pickle
 import urllib.error
 
 import numpy as np
+import torch
 import pytest
 from fileformats import (
     CIFAR_NAMES, cifar100_batches, color_of, write_cifar100_folder, write_cifar100_tar, write_image,
@@ -14,7 +15,8 @@ from fileformats import (
 )
 
 from pflbench.benchmark.cli import main
-from pflbench.benchmark.config import DatasetConfig, resolve_config
+from pflbench.benchmark.config import DatasetConfig
+from pflbench.benchmark.resolve import resolve_config
 from pflbench.benchmark.errors import UserError
 from pflbench.datasets import DATASETS, cifar100, folders, officehome, organamnist
 from pflbench.datasets.imagefolder import ImageFolderOptions, load_imagefolder
@@ -265,3 +267,47 @@ def test_every_dataset_is_registered_with_its_options():
         assert DATASETS.get(name).Options is options
     assert organamnist.file_name(28) == "organamnist.npz"
     assert organamnist.file_name(224) == "organamnist_224.npz"
+
+
+def _digits_data(normalize: str, images=None):
+    from pflbench.benchmark.engine import Simulation
+    from pflbench.datasets.base import FederatedData
+
+    from conftest import tiny_config
+
+    sim = Simulation(tiny_config("fedavg", f"data.normalize={normalize}"))
+    images = images if images is not None else sim.images
+    return sim, FederatedData(images, sim.partition, normalize=normalize)
+
+
+def test_normalization_statistics_come_from_the_training_images_only():
+    import dataclasses
+
+    sim, data = _digits_data("train")
+    train = np.unique(np.concatenate(sim.partition.train))
+    pixels = sim.images.images[train].reshape(-1, sim.images.images.shape[-1]) / 255.0
+    assert torch.allclose(data.mean.flatten().double(), torch.from_numpy(pixels.mean(0)), atol=1e-6)
+    assert torch.allclose(data.std.flatten().double(), torch.from_numpy(pixels.std(0, ddof=1)), atol=1e-5)
+    # Whitening every test image changes nothing: no test statistics leak into preprocessing.
+    changed = sim.images.images.copy()
+    for split in (sim.partition.test, sim.partition.val):
+        for ix in split:
+            changed[ix] = 255
+    _, again = _digits_data("train", dataclasses.replace(sim.images, images=changed))
+    assert torch.equal(again.mean, data.mean) and torch.equal(again.std, data.std)
+    assert sim.data.mean.flatten().tolist() == pytest.approx(data.mean.flatten().tolist())
+
+
+def test_fixed_normalization_is_the_references_half_half():
+    _, data = _digits_data("fixed")
+    assert data.mean.flatten().tolist() == [0.5] * data.in_chans
+    assert data.std.flatten().tolist() == [0.5] * data.in_chans
+    x, _ = data.prepare(data.indices(0, "test")[:4])
+    assert float(x.min()) >= -1.0 - 1e-6 and float(x.max()) <= 1.0 + 1e-6
+
+
+def test_normalization_names_the_key():
+    from conftest import tiny_config
+
+    with pytest.raises(UserError, match="data.normalize"):
+        tiny_config("fedavg", "data.normalize=imagenet")

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pflbench.benchmark import client
+from pflbench.benchmark.client import _ClientContext
 from pflbench.benchmark.engine import Callback, Simulation
 from pflbench.benchmark.errors import UserError
 from pflbench.benchmark.models import load_weights
@@ -106,7 +106,7 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
     head = {id(p) for p in model.get_classifier().parameters()}
     names = {id(p): n for n, p in model.named_parameters()}
     calls = []
-    original = client._ClientContext.train_epochs
+    original = _ClientContext.train_epochs
 
     def spy(ctx, model, params, epochs, forward=None):
         params = list(params)
@@ -125,7 +125,7 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
         calls.append(({id(p) for p in params}, epochs, changed, grads_seen, stats.samples))
         return stats
 
-    monkeypatch.setattr(client._ClientContext, "train_epochs", spy)
+    monkeypatch.setattr(_ClientContext, "train_epochs", spy)
     sim.run_round()
     assert len(calls) == 2 * sim.data.num_clients
     head_names = {names[i] for i in head}
@@ -143,18 +143,40 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
     assert all(p.requires_grad for p in model.parameters())  # the freeze is undone
 
 
-def test_fedrep_body_epochs_default_to_the_local_epochs(monkeypatch):
-    sim = Simulation(tiny_config("fedrep", "method.head_epochs=1", "train.local_epochs=3", "train.rounds=1"))
+def _fedrep_schedule(monkeypatch, *overrides: str) -> tuple[list[float], dict[str, float]]:
+    """The epochs of each train_epochs call of one FedRep round, and the round's metrics."""
+    sim = Simulation(tiny_config("fedrep", "train.rounds=1", "train.sample_fraction=0.25", *overrides))
     epochs = []
-    original = client._ClientContext.train_epochs
+    original = _ClientContext.train_epochs
 
     def spy(ctx, model, params, n, forward=None):
         epochs.append(n)
         return original(ctx, model, params, n, forward)
 
-    monkeypatch.setattr(client._ClientContext, "train_epochs", spy)
-    sim.run_round()
-    assert epochs[:2] == [1, 3]
+    monkeypatch.setattr(_ClientContext, "train_epochs", spy)
+    return epochs, sim.run_round()
+
+
+def test_fedrep_spends_the_clients_local_epochs_by_default(monkeypatch):
+    epochs, metrics = _fedrep_schedule(monkeypatch, "train.local_epochs=3")
+    assert epochs == [1.5, 1.5]  # head_share 0.5 of the budget, the body the rest
+    fedavg = Simulation(tiny_config("fedavg", "train.rounds=1", "train.sample_fraction=0.25", "train.local_epochs=3"))
+    # The same budget as FedAvg on record (a half pass rounds to whole samples: at most one off per phase).
+    assert abs(metrics["train_samples"] - fedavg.run_round()["train_samples"]) <= 2
+    assert _fedrep_schedule(monkeypatch, "method.head_share=0.25", "train.local_epochs=2")[0][-2:] == [0.5, 1.5]
+
+
+def test_fedrep_explicit_epochs_and_the_reference_head(monkeypatch):
+    # An explicit head leaves the body the remainder of the budget.
+    assert _fedrep_schedule(monkeypatch, "method.head_epochs=1", "train.local_epochs=3")[0] == [1, 2]
+    # The reference's 10 head epochs exceed the budget: the body keeps train.local_epochs on top, on record.
+    epochs, metrics = _fedrep_schedule(monkeypatch, "method.head_epochs=10", "train.local_epochs=1")
+    assert epochs[-2:] == [10, 1]
+    sim = Simulation(tiny_config("fedrep", "train.rounds=1", "train.sample_fraction=0.25"))
+    (client,) = sim.sample_clients()
+    assert metrics["train_samples"] == 11 * sim.data.num_samples(client)
+    with pytest.raises(UserError, match="method.body_epochs"):
+        _fedrep_schedule(monkeypatch, "method.body_epochs=1", "train.local_epochs=1")
 
 
 def test_fedbn_personalizes_exactly_the_layernorm_parameters():
@@ -260,7 +282,7 @@ def test_partial_without_patterns_is_a_user_error():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("fedrep", "method.head_epochs=-1"), ("fedrep", "method.body_epochs=-2"),
+    ("fedrep", "method.head_epochs=-1"), ("fedrep", "method.body_epochs=-2"), ("fedrep", "method.head_share=1"),
     ("fedperfix", "method.mid_dim=0"), ("fedperfix", "method.scale=-1"), ("fedperfix", "method.personal_blocks=-1"),
 ])
 def test_bad_method_options_name_the_key(key, value):
@@ -289,8 +311,8 @@ class FakeTrial:
 
 def test_fedrep_and_fedperfix_search_spaces():
     trial = FakeTrial()
-    assert METHODS.get("fedrep").search_space(trial) == {"method.head_epochs": 1, "method.body_epochs": 1}
-    assert trial.calls == [("int", "method.head_epochs", 1, 10, False), ("int", "method.body_epochs", 1, 5, False)]
+    assert METHODS.get("fedrep").search_space(trial) == {"method.head_share": 0.1}
+    assert trial.calls == [("float", "method.head_share", 0.1, 0.9, False)]
     trial = FakeTrial()
     assert METHODS.get("fedperfix").search_space(trial) == {
         "method.mid_dim": 64, "method.scale": 0.25, "method.personal_blocks": 0,

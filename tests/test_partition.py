@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from pflbench.benchmark.config import DataConfig, resolve_config
+from pflbench.benchmark.config import DataConfig
+from pflbench.benchmark.resolve import resolve_config
 from pflbench.benchmark.errors import UserError
 from pflbench.benchmark.reports import label_skew
 from pflbench.datasets import ImageSet, Partition, make_partition, partition_for
-from pflbench.datasets.partition import distribute_like
+from pflbench.datasets.partition import distribute_like, split_client
 
 rng = np.random.default_rng(0)
 LABELS = rng.integers(0, 10, 3000)
@@ -183,3 +184,43 @@ def test_simulation_uses_official_test_under_keep_test(tmp_path):
     assert sim.images.official_test[tests].all() and len(tests) == 60
     result = sim.run()
     assert result.final.test_count.sum() == 60
+
+
+def test_the_capped_dirichlet_deals_no_class_to_a_client_that_holds_n_over_k():
+    labels = np.random.default_rng(1).integers(0, 20, 6000)
+    k = 16
+    cfg = config(partition="dirichlet", alpha=0.1, num_clients=k, dirichlet_cap=True, min_samples=100)
+    part = make_partition(labels, cfg, seed=3)
+    clients = [np.concatenate([part.train[c], part.val[c], part.test[c]]) for c in range(k)]
+    assert min(len(c) for c in clients) >= 100  # the reference's minimum, by redrawing
+    # Replay the deal class by class: a client at N/K before a class gets none of it.
+    held = np.zeros(k)
+    for cls in range(20):
+        got = np.array([np.sum(labels[c] == cls) for c in clients])
+        assert not np.any(got[held >= len(labels) / k]), cls
+        held += got
+    # The cap narrows the spread of client sizes against the uncapped draw of the same seed.
+    uncapped = make_partition(labels, dataclasses.replace(cfg, dirichlet_cap=False, min_samples=0), seed=3)
+    spread = [np.std([len(a) + len(b) + len(c) for a, b, c in zip(p.train, p.val, p.test)])
+              for p in (part, uncapped)]
+    assert spread[0] < spread[1]
+
+
+def test_a_stratified_split_gives_each_split_every_class_share():
+    labels = np.repeat(np.arange(4), [40, 20, 12, 8])
+    train, val, test = split_client(np.arange(80), 0.15, 0.25, np.random.default_rng(0), labels)
+    assert (len(train), len(val), len(test)) == (48, 12, 20)  # the unstratified sizes
+    assert np.bincount(labels[test], minlength=4).tolist() == [10, 5, 3, 2]
+    assert np.bincount(labels[val], minlength=4).tolist() == [6, 3, 2, 1]
+    assert np.array_equal(np.sort(np.concatenate([train, val, test])), np.arange(80))
+
+
+def test_stratify_applies_to_every_client_of_a_natural_partition():
+    cfg = config(partition="natural", num_clients=8, clients_per_domain=2, stratify=True, test_fraction=0.2)
+    part = make_partition(LABELS, cfg, seed=0, domains=DOMAINS)
+    for c in range(8):
+        everything = np.concatenate([part.train[c], part.val[c], part.test[c]])
+        counts = np.bincount(LABELS[everything], minlength=10)
+        test_counts = np.bincount(LABELS[part.test[c]], minlength=10)
+        assert np.all(np.abs(test_counts - 0.2 * counts) <= 1)  # each class's own share, to a sample
+        assert len(np.unique(DOMAINS[everything])) == 1

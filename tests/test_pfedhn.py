@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from pflbench.benchmark.config import resolve_config
+from pflbench.benchmark.resolve import resolve_config
 from pflbench.benchmark.engine import Simulation
 from pflbench.benchmark.errors import UserError
 from pflbench.benchmark.models import build_model
@@ -20,6 +20,8 @@ from pflbench.methods.structure import head_entries
 # A small hypernetwork so every simulation here takes about a second.
 SMALL_HN = ["method.hidden_dim=8", "method.n_hidden=1", "method.chunk_size=96", "method.embed_dim=3"]
 QKV_PROJ = {f"blocks.{i}.attn.{part}.weight" for i in range(2) for part in ("qkv", "proj")}
+HEAD = {"head.weight", "head.bias"}
+TARGETS = QKV_PROJ | HEAD  # the default: attention weights and, in variant hn, the classifier
 
 
 def small_sim(*overrides: str, seed: int = 0) -> Simulation:
@@ -64,32 +66,36 @@ def recorded_updates(sim: Simulation) -> list[list[ClientUpdate]]:
 def test_generated_tensors_match_the_targets_by_name_and_shape():
     sim = small_sim()
     method = sim.method
-    assert set(method.targets) == QKV_PROJ  # default target: every block's qkv and proj weight
+    # Default target: every block's qkv and proj weight, and the classifier head (the paper generates it).
+    assert set(method.targets) == TARGETS == QKV_PROJ | head_entries(sim.model)
     sent = method.broadcast(1)
     entries = sim.model.state_dict()
     assert set(sent) == set(sim.shared_names)
-    for name in QKV_PROJ:
+    for name in TARGETS:
         assert sent[name].shape == entries[name].shape
-    assert not QKV_PROJ & set(method.global_state)  # the targets come only from the hypernetwork
+    assert not TARGETS & set(method.global_state)  # the targets come only from the hypernetwork
     # Different clients get different generated weights (different embeddings).
     assert not torch.equal(sent["blocks.0.attn.qkv.weight"], method.broadcast(0)["blocks.0.attn.qkv.weight"])
 
 
-def test_generated_weights_start_at_the_models_initial_scale():
+def test_generated_weights_start_at_the_model_plus_a_small_deviation():
     sim = small_sim()
     # The engine seeds the global RNG before building; rebuild to read the initial targets.
     torch.manual_seed(sim.seeds["init"])
     model = build_model(sim.cfg.model, image_size=sim.data.image_size, in_chans=sim.data.in_chans,
                         num_classes=sim.data.num_classes)
-    initial = torch.cat([model.state_dict()[n].flatten() for n in sorted(QKV_PROJ)])
-    model_rms = initial.square().mean().sqrt()
-    generated = torch.cat([
-        torch.cat([sim.method.broadcast(c)[n].flatten() for n in sorted(QKV_PROJ)])
-        for c in range(sim.data.num_clients)
-    ])
-    assert torch.allclose(generated.square().mean().sqrt(), model_rms, rtol=1e-4)
-    # The generator's input is normalized: E ||h * c_j||^2 = 1 over clients and chunks.
+    targets = sim.method.targets
+    initial = torch.cat([model.state_dict()[n].flatten() for n in targets])
     hn = sim.method.hn
+    # The shared base starts at the model's own initial weights ...
+    assert torch.equal(hn.base.detach(), initial)
+    # ... and each client's deviation at init_deviation (0.1) of their RMS.
+    generated = torch.stack([
+        torch.cat([sim.method.broadcast(c)[n].flatten() for n in targets]) for c in range(sim.data.num_clients)
+    ])
+    deviation = generated - initial
+    assert torch.allclose(deviation.square().mean().sqrt(), 0.1 * initial.square().mean().sqrt(), rtol=1e-4)
+    # The generator's input is normalized: E ||h * c_j||^2 = 1 over clients and chunks.
     with torch.no_grad():
         h = hn.body(hn.embeddings.weight)
         features = (h[:, None, :] * hn.chunk_embeddings[None]).square().sum(-1)
@@ -175,6 +181,7 @@ def test_hypernetwork_grows_only_by_chunk_embeddings():
     entries = small.model.state_dict()
     extra = sum(entries[f"blocks.{i}.mlp.fc1.weight"].numel() for i in range(2))
     assert b.num_generated == a.num_generated + extra
+    assert a.num_generated == sum(entries[n].numel() for n in TARGETS)
     chunks = [math.ceil(n / 96) for n in (a.num_generated, b.num_generated)]
     assert (a.num_chunks, b.num_chunks) == tuple(chunks) and chunks[1] > chunks[0]
     hidden = 8
@@ -186,6 +193,8 @@ def test_hypernetwork_grows_only_by_chunk_embeddings():
     assert info["hn_parameters"] == body + hidden * chunk + chunk + chunks[1] * hidden
     assert info["hn_chunks"] == chunks[1]
     assert info["hn_client_embedding_parameters"] == embed * large.data.num_clients
+    # The base is one value per generated value, counted apart from the hypernetwork.
+    assert info["hn_base_parameters"] == b.num_generated == b.base.numel()
 
 
 def test_untargeted_entries_are_aggregated_exactly_as_fedavg():
@@ -193,7 +202,7 @@ def test_untargeted_entries_are_aggregated_exactly_as_fedavg():
     updates = synthetic_updates(sim)
     sim.method.aggregate(updates)
     fedavg = METHODS.get("fedavg")()
-    untargeted = [n for n in sim.shared_names if n not in QKV_PROJ]
+    untargeted = [n for n in sim.shared_names if n not in TARGETS]
     fedavg.server_init(sim.model, {n: updates[0].params[n] for n in untargeted}, sim.data.num_clients)
     fedavg.aggregate([
         ClientUpdate(u.client, u.num_samples, {n: u.sent[n] for n in untargeted}, {n: u.params[n] for n in untargeted})
@@ -215,13 +224,87 @@ def test_a_server_step_moves_the_generated_weights_towards_the_returned_ones():
     sim.method.aggregate(updates)
     for update in updates:
         new = sim.method.broadcast(update.client)
-        moved = sum(float(((new[n] - update.sent[n]) * (update.params[n] - update.sent[n])).sum()) for n in QKV_PROJ)
+        moved = sum(float(((new[n] - update.sent[n]) * (update.params[n] - update.sent[n])).sum()) for n in TARGETS)
         assert moved > 0, update.client
+
+
+def test_the_base_takes_fedavgs_step():
+    sim = small_sim("method.base_lr=1", "method.momentum=0")
+    updates = synthetic_updates(sim)
+    hn = sim.method.hn
+    before = hn.base.detach().clone()
+    sim.method.aggregate(updates)
+    total = sum(u.num_samples for u in updates)
+    step = sum(
+        (u.num_samples / total) * torch.cat([(u.params[n] - u.sent[n]).flatten() for n in sim.method.targets])
+        for u in updates
+    )
+    assert torch.allclose(hn.base.detach(), before + step, atol=1e-6)
+
+
+def _vit_s_targets(num_classes: int = 100) -> dict[str, tuple[int, ...]]:
+    """The generated shapes of variant hn on paper-cifar100's ViT-S/16: qkv, proj and the head."""
+    dim, depth = 384, 12
+    shapes = {}
+    for i in range(depth):
+        shapes[f"blocks.{i}.attn.qkv.weight"] = (3 * dim, dim)
+        shapes[f"blocks.{i}.attn.proj.weight"] = (dim, dim)
+    return shapes | {"head.weight": (num_classes, dim), "head.bias": (num_classes,)}
+
+
+def test_a_server_step_follows_the_clients_at_the_paper_cifar100_chunk_count():
+    """ViT-S/16 targets (3,475 chunks of 2,048), 8 of 64 clients a round, one plain step at hn_lr = 1."""
+    cfg = resolve_config("pfedhn", "cifar100", preset="paper-cifar100", overrides=[
+        "method.hidden_dim=8", "method.n_hidden=1", "method.hn_lr=1", "method.momentum=0", "method.weight_decay=0",
+        "method.max_grad_norm=0"])
+    shapes = _vit_s_targets()
+    torch.manual_seed(0)
+    model = _TargetsOnly(shapes)
+    method = PFedHN(cfg.method)
+    method.server_init(model, dict(model.state_dict()), 64)
+    assert method.hn.num_chunks == math.ceil(sum(math.prod(s) for s in shapes.values()) / 2048) == 3475
+    gen = torch.Generator().manual_seed(3)
+    common = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    updates = []
+    for client in range(8):
+        sent = {n: t.clone() for n, t in method.broadcast(client).items()}
+        # Half a direction all clients share, half the client's own.
+        params = {n: t + 1e-3 * (common[n] + torch.randn(t.shape, generator=gen)) for n, t in sent.items()}
+        updates.append(ClientUpdate(client, 100 + 10 * client, sent, params))
+    method.aggregate(updates)
+    for update in updates:
+        new = method.broadcast(update.client)
+        moved = torch.cat([(new[n] - update.sent[n]).flatten() for n in shapes])
+        delta = torch.cat([(update.params[n] - update.sent[n]).flatten() for n in shapes])
+        cosine = float(torch.nn.functional.cosine_similarity(moved, delta, dim=0))
+        ratio = float(moved.norm() / delta.norm())
+        assert cosine > 0.5, (update.client, cosine)
+        assert 0.3 < ratio < 2, (update.client, ratio)  # the delta's order of size, not 10x to 100x
+
+
+class _TargetsOnly(torch.nn.Module):
+    """A stand-in with a ViT's target names and shapes and a timm-style classifier hook (no forward)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.blocks = torch.nn.Module()
+        for name, shape in shapes.items():
+            *path, leaf = name.split(".")
+            node = self
+            for part in path:
+                if not hasattr(node, part):
+                    node.add_module(part, torch.nn.Module())
+                node = getattr(node, part)
+            node.register_parameter(leaf, torch.nn.Parameter(0.02 * torch.randn(shape)))
+
+    def get_classifier(self):
+        return self.head
 
 
 def test_pc_variant_keeps_the_head_personal():
     sim = small_sim("method.variant=pc")
     assert set(sim.personal_names) == head_entries(sim.model)
+    assert set(sim.method.targets) == QKV_PROJ  # the head is on the client, not generated
     assert not set(sim.personal_names) & set(sim.method.broadcast(0))
     assert set(small_sim().personal_names) == set()
     with pytest.raises(UserError, match="method.target"):

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from ..config import resolve_config
+from ..resolve import RunSpec
 from ..engine import Simulation
 from . import overhead, together
 
@@ -74,8 +74,8 @@ def run(*, tiny: bool = False, data_root: str | None = None, folder: str = "cifa
     clients = 2 if tiny else 4
     # 10% of the images train (6,000 of CIFAR-10's 60,000): seconds per side on a GPU, not minutes.
     extra = ["data.val_fraction=0.45", "data.test_fraction=0.45"]
-    ov = overhead.measure(clients=clients, rounds=1, repeats=repeats, dataset=dataset, data_root=data_root,
-                          device=device, overrides=[*model, *data, *extra, "train.parallel_clients=1"])
+    spec = RunSpec(overrides=(*model, *data, *extra, "train.parallel_clients=1"), device=device, data_root=data_root)
+    ov = overhead.measure(spec, clients=clients, rounds=1, repeats=repeats, dataset=dataset)
     tight, engine = statistics.median(ov.tight), statistics.median(ov.engine)
     say(f"tight loop {tight:.1f} samples/s, engine {engine:.1f} samples/s, ratio {ov.ratio:.3f}"
         f" ({ov.samples} samples a side per repeat)")
@@ -85,8 +85,8 @@ def run(*, tiny: bool = False, data_root: str | None = None, folder: str = "cifa
     if tiny:
         shape = ["data.num_clients=16", "train.sample_fraction=0.25", "train.local_epochs=1"]
     try:
-        tg = together.measure(method="fedavg", dataset=dataset, preset="paper-cifar100", data_root=data_root,
-                              rounds=1, repeats=repeats, device=device, overrides=[*model, *data, *shape])
+        spec = RunSpec(preset="paper-cifar100", overrides=(*model, *data, *shape), device=device, data_root=data_root)
+        tg = together.measure(spec, method="fedavg", dataset=dataset, rounds=1, repeats=repeats)
     except Exception as err:  # report and go on: the paper round below still runs sequentially
         say(f"clients together FAILED: {type(err).__name__}: {err}")
         seq = tog = math.nan
@@ -101,8 +101,8 @@ def run(*, tiny: bool = False, data_root: str | None = None, folder: str = "cifa
     paper = [*model, *data, f"train.parallel_clients={parallel}"]
     if tiny:
         paper += ["data.num_clients=16", "train.local_epochs=1", "data.min_samples=10"]
-    cfg = resolve_config("fedperfix", dataset, preset="paper-cifar100", overrides=paper, device=device,
-                         data_root=data_root)
+    cfg = RunSpec(preset="paper-cifar100", overrides=tuple(paper), device=device, data_root=data_root).resolve(
+        "fedperfix", dataset)
     sim = Simulation(cfg)
     parallel = sim.parallel_clients
     metrics = sim.run_round()  # eval_every=1 in the preset: every client is evaluated

@@ -72,7 +72,7 @@ def run_child(method: str, clients: int, device: str, overrides: list[str]) -> M
     """The measurement itself (inside the child process)."""
     import torch
 
-    from ..config import resolve_config
+    from ..resolve import resolve_config
     from ..engine import Simulation
 
     torch.set_num_threads(1)

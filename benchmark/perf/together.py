@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..config import resolve_config
+from ..resolve import RunSpec
 from ..engine import Simulation
 
 
@@ -55,21 +55,16 @@ class TogetherResult:
 
 
 def measure(
-    *, method: str = "fedavg", dataset: str = "digits", preset: str | None = "smoke", data_root: str | None = None,
-    parallel: int = 0, rounds: int = 1, repeats: int = 3, device: str = "cpu", overrides: list[str] | None = None,
-    on_repeat=None,
+    spec: RunSpec = RunSpec(device="cpu"), *, method: str = "fedavg", dataset: str = "digits", parallel: int = 0,
+    rounds: int = 1, repeats: int = 3, on_repeat=None,
 ) -> TogetherResult:
-    """Alternate sequential and together runs; `parallel` 0 = all of a round's sampled clients."""
-    settings = [*(overrides or [])]
-    base = resolve_config(method, dataset, preset=preset, overrides=settings, device=device, data_root=data_root)
+    """Alternate sequential and together runs of `spec`; `parallel` 0 = all of a round's sampled clients."""
+    base = spec.resolve(method, dataset)
     # Evaluate only after the timed rounds.
-    settings += [f"train.rounds={rounds + 1}", f"train.eval_every={rounds + 1}"]
-    seq = resolve_config(method, dataset, preset=preset, overrides=[*settings, "train.parallel_clients=1"],
-                         device=device, data_root=data_root)
-    clients = max(1, int(round(base.train.sample_fraction * base.data.num_clients)))
-    k = parallel or clients
-    tog = resolve_config(method, dataset, preset=preset, overrides=[*settings, f"train.parallel_clients={k}"],
-                         device=device, data_root=data_root)
+    timed = spec.with_overrides(f"train.rounds={rounds + 1}", f"train.eval_every={rounds + 1}")
+    k = parallel or max(1, int(round(base.train.sample_fraction * base.data.num_clients)))
+    seq = timed.with_overrides("train.parallel_clients=1").resolve(method, dataset)
+    tog = timed.with_overrides(f"train.parallel_clients={k}").resolve(method, dataset)
     result = TogetherResult(k)
     for i in range(repeats):
         rate, result.samples = time_rounds(seq, rounds)
