@@ -47,10 +47,12 @@ COMPACT_BELOW = 0.5
 class PersonalStore:
     """Each client's personal entries, kept aside between its visits.
 
-    A client that never trained reads the shared initial state. Stored
-    clients stay on the model's device while their total fits
-    `device_budget` bytes; later ones go to host memory, pinned when the
-    device is a GPU so the copy in is asynchronous-capable and fast.
+    A client that never trained reads the shared initial state. A stored
+    client holds one flat buffer per dtype (one allocation, no per-tensor
+    overhead: with 1,000 clients memory grows by the personal parameters
+    themselves); `get` hands out views into it. Stored clients stay on the
+    model's device while their total fits `device_budget` bytes; later ones
+    go to host memory, pinned when the device is a GPU so the copy in is fast.
     """
 
     def __init__(self, initial: Mapping[str, torch.Tensor], device: torch.device, device_budget: float):
@@ -58,7 +60,13 @@ class PersonalStore:
         self.device = device
         self.device_budget = device_budget  # bytes
         self.client_bytes = sum(t.numel() * t.element_size() for t in self.initial.values())
-        self._states: dict[int, dict[str, torch.Tensor]] = {}
+        # Where each entry lives: (dtype, offset, shape) in that dtype's flat buffer.
+        self._layout: dict[str, tuple[torch.dtype, int, torch.Size]] = {}
+        self._sizes: dict[torch.dtype, int] = {}
+        for name, t in self.initial.items():
+            self._layout[name] = (t.dtype, self._sizes.get(t.dtype, 0), t.shape)
+            self._sizes[t.dtype] = self._sizes.get(t.dtype, 0) + t.numel()
+        self._states: dict[int, dict[torch.dtype, torch.Tensor]] = {}
         self.on_device = 0  # clients whose state is on the device
 
     def __contains__(self, client: object) -> bool:
@@ -72,24 +80,28 @@ class PersonalStore:
 
     def get(self, client: int) -> dict[str, torch.Tensor]:
         """The client's personal entries (the initial ones until it first trains)."""
-        return self._states.get(client, self.initial)
+        flats = self._states.get(client)
+        if flats is None:
+            return self.initial
+        return {name: flats[dtype][start : start + shape.numel()].view(shape)
+                for name, (dtype, start, shape) in self._layout.items()}
 
     def is_on_device(self, client: int) -> bool:
-        state = self._states.get(client)
-        return state is None or all(t.device == self.device for t in state.values())
+        flats = self._states.get(client)
+        return flats is None or all(t.device == self.device for t in flats.values())
 
     @torch.no_grad()
     def put(self, client: int, state: Mapping[str, torch.Tensor]) -> None:
         """Store (a copy of) the client's personal entries."""
-        stored = self._states.get(client)
-        if stored is None:
+        if client not in self._states:
             if (self.on_device + 1) * self.client_bytes <= self.device_budget or self.device.type == "cpu":
-                stored = {n: torch.empty_like(t, device=self.device) for n, t in self.initial.items()}
+                flats = {d: torch.empty(n, dtype=d, device=self.device) for d, n in self._sizes.items()}
                 self.on_device += 1
             else:
                 pin = self.device.type == "cuda"
-                stored = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for n, t in self.initial.items()}
-            self._states[client] = stored
+                flats = {d: torch.empty(n, dtype=d, pin_memory=pin) for d, n in self._sizes.items()}
+            self._states[client] = flats
+        stored = self.get(client)
         for name, value in state.items():
             stored[name].copy_(value)
 

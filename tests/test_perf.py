@@ -40,3 +40,11 @@ def test_memory_benchmark_cli_prints_the_ratio(capsys):
     assert main(["perf", "memory", "--methods", "fedper", "--clients", "2,4", "--quiet", *tiny]) == 0
     assert re.search(r"fedper: peak RSS 4 / 2 clients = [\d.]+; growth -?[\d.]+ KiB per added client", capsys.readouterr().out)
     assert main(["perf", "memory", "--methods", "nosuch"]) == 2
+
+
+def test_together_benchmark_runs_tiny(capsys):
+    tiny = ["--set", "model.patch_size=4", "--set", "model.embed_dim=16", "--set", "model.depth=1",
+            "--set", "model.num_heads=2", "--set", "data.num_clients=4"]
+    assert main(["perf", "together", "--preset", "smoke", "--repeats", "1", "--threads", "1", "--quiet", *tiny]) == 0
+    line = capsys.readouterr().out
+    assert re.search(r"fedavg: sequential [\d.]+ samples/s, 4 clients together [\d.]+ samples/s; ratio", line)
