@@ -87,6 +87,11 @@ class EvalResult:
         """No client evaluated yet (count 0 everywhere)."""
         return cls(*(np.zeros(num_clients, dtype=np.int64) for _ in range(4)))
 
+    def test_only(self) -> EvalResult:
+        """This result's test split alone (no validation counts)."""
+        zeros = np.zeros_like(self.val_count)
+        return EvalResult(self.test_correct.copy(), self.test_count.copy(), zeros, zeros.copy())
+
     @staticmethod
     def _mean(correct: np.ndarray, count: np.ndarray) -> float:
         has = count > 0
@@ -283,7 +288,10 @@ class Simulation:
             loss_samples += self.last_eval.train_samples
             forward_samples += self.last_eval.forward_samples
             if self.has_global_view:
-                metrics.update(self.evaluate_global(self.training_clients).metrics(GLOBAL_PREFIX))
+                # Where every client was just evaluated on the server's model itself, that was the global view.
+                reuse = not self._after_local and self._evaluates_the_global_model()
+                view = self.last_eval.test_only() if reuse else self.evaluate_global(self.training_clients)
+                metrics.update(view.metrics(GLOBAL_PREFIX))
         metrics["train_samples"] = float(loss_samples)
         metrics["forward_samples"] = float(forward_samples)
         if self.device.type == "cuda":
@@ -359,6 +367,12 @@ class Simulation:
     def has_global_view(self) -> bool:
         """The server holds one complete model: nothing is personal and the method exposes it."""
         return not self.personal_names and self.method.global_view() is not None
+
+    def _evaluates_the_global_model(self) -> bool:
+        """True when each client's personalized evaluation runs exactly the server's global view."""
+        method = type(self.method)
+        return (method.broadcast is Method.broadcast and method.global_view is Method.global_view
+                and method.evaluate is Method.evaluate and not self.method.finetune_epochs())
 
     def _finetune(self, client: int) -> int:
         """Train the loaded model on `client`'s own data through the one batch loop; samples trained."""

@@ -178,3 +178,18 @@ def test_after_local_evaluation_sees_each_clients_trained_model_when_trained_tog
     seq, together = results
     assert seq["test_acc_mean"] == pytest.approx(together["test_acc_mean"], abs=0.02)
     assert seq["forward_samples"] == together["forward_samples"]
+
+
+def test_fedavg_global_accuracy_reuses_the_personalized_evaluation(monkeypatch):
+    sim = Simulation(tiny_config("fedavg", "train.rounds=1", "data.val_fraction=0.2"))
+    assert sim._evaluates_the_global_model()
+    calls = []
+    monkeypatch.setattr(sim, "evaluate_global", lambda clients: calls.append(clients))
+    metrics = sim.run_round()
+    assert not calls  # the server's model was already evaluated on every client's test split
+    computed = Simulation(tiny_config("fedavg", "train.rounds=1", "data.val_fraction=0.2"))
+    computed.run_round()
+    direct = computed.evaluate_global(computed.training_clients).metrics("global_")
+    assert metrics["global_test_acc_mean"] == pytest.approx(direct["global_test_acc_mean"])
+    assert "global_val_acc_mean" not in metrics
+    assert not Simulation(tiny_config("fedavg_ft", "train.rounds=1"))._evaluates_the_global_model()
