@@ -461,7 +461,8 @@ def cmd_perf_memory(args: argparse.Namespace) -> int:
         grown = (high.peak_rss - high.base_rss) - (low.peak_rss - low.base_rss)
         per_client = grown / max(high.trained - low.trained, 1)
         print(f"{method}: peak RSS {high.clients} / {low.clients} clients = {high.peak_rss / low.peak_rss:.3f};"
-              f" growth {per_client / 1024:.2f} KiB per added client (personal entries: {high.personal_bytes / 1024:.2f}"
+              f" growth {per_client / 1024:.2f} KiB per added client"
+              f" (personal entries: {high.personal_bytes / 1024:.2f}"
               f" KiB per client)")
     return 0
 

@@ -108,7 +108,7 @@ class TrainConfig:
     # after-aggregation: every client, from the round's aggregated state (what pflbench reports);
     # after-local: the round's sampled clients right after their local training (the reference's timing)
     eval_timing: str = "after-aggregation"  # when a round's accuracy is measured (see above)
-    parallel_clients: int | str = "auto"  # clients trained together (stacked, one batched step); auto: GPU yes, CPU 1
+    parallel_clients: int | str = "auto"  # clients trained in one batched step; auto: <= 16 on a GPU, 1 on a CPU
     personal_device_mb: float = 2048.0  # personal state kept on the device up to this size; beyond, in host memory
 
 

@@ -38,7 +38,8 @@ def test_memory_benchmark_cli_prints_the_ratio(capsys):
     tiny = ["--set", "model.patch_size=4", "--set", "model.embed_dim=16", "--set", "model.depth=1",
             "--set", "model.num_heads=2"]
     assert main(["perf", "memory", "--methods", "fedper", "--clients", "2,4", "--quiet", *tiny]) == 0
-    assert re.search(r"fedper: peak RSS 4 / 2 clients = [\d.]+; growth -?[\d.]+ KiB per added client", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"fedper: peak RSS 4 / 2 clients = [\d.]+; growth -?[\d.]+ KiB per added client", out)
     assert main(["perf", "memory", "--methods", "nosuch"]) == 2
 
 

@@ -36,8 +36,8 @@ from . import overhead, together
 # ViT-S/16 at 224 px, bf16 on CUDA (the engine's autocast), batch 64: the paper's model.
 PAPER_MODEL = ["model.name=vit_small_patch16_224", "model.image_size=224", "train.batch_size=64"]
 # A digits-sized stand-in for --tiny: the same code paths in seconds on a CPU.
-TINY_MODEL = ["model.name=vit", "model.image_size=0", "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2",
-              "train.batch_size=32", "data.min_samples=10"]
+TINY_MODEL = ["model.name=vit", "model.image_size=0", "model.patch_size=4", "model.embed_dim=16", "model.depth=2",
+              "model.num_heads=2", "train.batch_size=32", "data.min_samples=10"]
 
 
 @dataclass
