@@ -32,3 +32,11 @@ class RunStopped(Exception):
         super().__init__(f"run stopped ({reason}) at round {round_index}")
         self.reason = reason
         self.round_index = round_index
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM): handled like Ctrl-C, the run ends KILLED."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
