@@ -215,25 +215,3 @@ def test_bench_leaderboard_from_a_sweep(capsys, tracking_uri, tmp_path):
 
     for run in find_runs(tracking_uri, "pflbench", stage="final"):
         assert run.run_id in text and run.run_id in csv_text  # every cell traces to its runs
-
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["--experiment", "nope"], "no MLflow experiment 'nope'"),
-    (["--stage", "tune"], "has no finished runs of stage 'tune'"),
-])
-def test_bad_leaderboard_arguments_exit_2_with_one_line(capsys, tracking_uri, tmp_path, argv, fragment):
-    from pflbench.benchmark.tracking import ensure_experiment
-
-    ensure_experiment(tracking_uri, "pflbench")  # an empty experiment
-    code = main(["leaderboard", "--out", str(tmp_path / "b"), *argv])
-    err = capsys.readouterr().err
-    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
-
-
-def test_an_empty_experiment_exits_2(capsys, tracking_uri, tmp_path):
-    from pflbench.benchmark.tracking import ensure_experiment
-
-    ensure_experiment(tracking_uri, "pflbench")
-    code = main(["leaderboard", "--out", str(tmp_path / "b")])
-    err = capsys.readouterr().err
-    assert code == 2 and "has no finished runs of stage 'final'" in err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from pflbench.benchmark.cli import main
 from pflbench.benchmark.tracking import find_runs, read_text_artifact
@@ -83,26 +82,3 @@ best_of = "{method}-small"
     assert code == 0, err
     (run,) = find_runs(tracking_uri, "pflbench", stage="final")
     assert read_text_artifact(tracking_uri, run.run_id, "config.toml") == best.replace("seed = 0", "seed = 5")
-
-
-@pytest.mark.parametrize("body, fragment", [
-    ('methods = ["fedavg", "nope"]\n[[run]]\ndataset = "digits"\n', "unknown method 'nope'; choose one of:"),
-    ('[[run]]\ndataset = "nope"\n', "unknown dataset 'nope'"),
-    ('[[run]]\ndataset = "digits"\ncolour = 1\n', "unknown key 'colour'"),
-    ('seeds = "0"\n[[run]]\ndataset = "digits"\n', "'seeds' must be a list"),
-    ('methods = ["fedavg"]\n', "no [[run]] table"),
-    ('[[run]]\ndataset = "digits"\noverrides = ["train.lr=x"]\n', "train.lr"),
-    ('methods = ["fedavg"]\n[[run]]\ndataset = "digits"\nbest_of = "never-tuned"\n', "never-tuned"),
-    ('[[run]\n', "not valid TOML"),
-])
-def test_bad_suites_exit_2_with_one_line(capsys, tracking_uri, tmp_path, body, fragment):
-    path = tmp_path / "suite.toml"
-    path.write_text(body)
-    code, out, err = _sweep(capsys, str(path))
-    assert code == 2, err
-    assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-
-
-def test_a_missing_suite_file_exits_2(capsys, tracking_uri):
-    code, out, err = _sweep(capsys, "missing.toml")
-    assert code == 2 and "suite file not found: missing.toml" in err

@@ -164,20 +164,6 @@ def test_two_tune_processes_share_a_postgresql_study(tracking_uri, tmp_path):
         admin.close()
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--trials", "2", "--storage", "redis://localhost/0"], "unknown storage scheme 'redis'"),
-    (["--trials", "2", "--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open study storage"),
-    (["--trials", "2", "--set", "data.val_fraction=0"], "data.val_fraction"),
-    (["--trials", "0"], "--trials"),
-    (["--trials", "2", "--pruner", "nope"], "--pruner"),
-    (["--trials", "2", "--workers", "0"], "--workers"),
-])
-def test_bad_tune_arguments_exit_2_with_one_line(capsys, tracking_uri, argv, fragment):
-    code, out, err = _tune(capsys, *argv)
-    assert code == 2, err
-    assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-
-
 def test_default_trial_lies_inside_the_search_space():
     cfg = tiny_config("fedperfix", "train.lr=0.05", "train.momentum=0.9")
     defaults = tuning.default_params(cfg, fixed={"train.batch_size"})
