@@ -72,12 +72,12 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default ./data)")
 
 
-def _resolve(args: argparse.Namespace, method: str, dataset: str):
-    from .config import resolve_config
+def _spec(args: argparse.Namespace):
+    """The command's settings layers as one value (built once per command)."""
+    from .resolve import RunSpec
 
-    return resolve_config(method, dataset, preset=args.preset, config_file=args.config,
-                          overrides=args.overrides, seed=args.seed, device=args.device,
-                          data_root=args.data_root)
+    return RunSpec(preset=args.preset, config_file=args.config, overrides=tuple(args.overrides),
+                   seed=args.seed, device=args.device, data_root=args.data_root)
 
 
 class _RichProgress:
@@ -175,7 +175,7 @@ def _load_images(cfg, quiet: bool = False):
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import to_toml
 
-    cfg = _resolve(args, args.method, args.dataset)
+    cfg = _spec(args).resolve(args.method, args.dataset)
     if args.dry_run:
         console.print(to_toml(cfg), markup=False, highlight=False, end="")
         return 0
@@ -257,7 +257,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from ..datasets import partition_for
     from .reports import label_skew, partition_heatmap_png
 
-    cfg = _resolve(args, "fedavg", args.dataset)
+    cfg = _spec(args).resolve("fedavg", args.dataset)
     images = _load_images(cfg)
     partition = partition_for(images, cfg.data, cfg.seed)
     counts = partition.class_counts(images.labels, images.num_classes)
@@ -331,8 +331,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     try:
         study = run_sensitivity(
-            args.dataset, preset=args.preset, config_file=args.config, overrides=args.overrides, seed=args.seed,
-            device=args.device, data_root=args.data_root, tracking_uri=args.tracking_uri,
+            args.dataset, _spec(args), tracking_uri=args.tracking_uri,
             experiment=args.experiment, out_dir=args.out, callbacks=callbacks,
         )
     finally:
@@ -386,8 +385,11 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
             console.print(f"repeat {i + 1}: engine {result.engine[-1]:8.1f} samples/s   tight loop"
                           f" {result.tight[-1]:8.1f} samples/s   ({result.samples} samples)", highlight=False)
 
-    result = measure(clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
-                     data_root=args.data_root, device=args.device, overrides=args.overrides, on_repeat=show)
+    from .resolve import RunSpec
+
+    spec = RunSpec(overrides=tuple(args.overrides), device=args.device, data_root=args.data_root)
+    result = measure(spec, clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
+                     on_repeat=show)
     table = Table(title=f"engine overhead: FedAvg with {result.clients} clients vs a tight loop", title_justify="left")
     for column in ("", "samples/s (median)", "per repeat", "optimizer steps"):
         table.add_column(column, justify="right" if column else "left")

@@ -1,5 +1,9 @@
 """Run configuration: a dataclass tree, TOML presets, and `key=value` overrides.
 
+This module imports nothing from `methods/` or `datasets/` (they import it
+for their option dataclasses); resolving a run's layers against the
+registries is `benchmark/resolve.py`.
+
 A configuration is resolved in layers, each overriding the one before:
 dataclass defaults -> preset (`--preset`, or the dataset's default preset) ->
 `--config FILE.toml` -> `--set key=value` -> the dedicated CLI flags.
@@ -23,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from .errors import UserError
 
@@ -84,6 +88,7 @@ class DataConfig:
 
 
 EVAL_TIMINGS = ("after-aggregation", "after-local")
+NORMALIZATIONS = ("train", "fixed")  # train: statistics of the training images only; fixed: (0.5, 0.5)
 
 
 @dataclass
@@ -212,7 +217,7 @@ def coerce(key: str, value: Any, target: Any) -> Any:
     raise TypeError(f"unsupported config type {target!r} for {key}")
 
 
-def _assign(cfg: RunConfig, key: str, value: Any) -> None:
+def assign(cfg: RunConfig, key: str, value: Any) -> None:
     """Set dotted `key` on the config tree, type-checked."""
     parts = key.split(".")
     node: Any = cfg
@@ -252,7 +257,7 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _layer_items(table: Mapping[str, Any], method: str, dataset: str) -> list[tuple[str, Any]]:
+def layer_items(table: Mapping[str, Any], method: str, dataset: str) -> list[tuple[str, Any]]:
     """Settings of one TOML layer, with the per-method/-dataset tables resolved."""
     table = dict(table)
     table.pop("description", None)
@@ -267,98 +272,51 @@ def _layer_items(table: Mapping[str, Any], method: str, dataset: str) -> list[tu
     return _flatten_table(table) + items
 
 
-def resolve_config(
-    method: str,
-    dataset: str,
-    *,
-    preset: str | None = None,
-    config_file: str | Path | None = None,
-    overrides: Iterable[str] = (),
-    seed: int | None = None,
-    device: str | None = None,
-    data_root: str | None = None,
-) -> RunConfig:
-    """The fully resolved, validated configuration of one run."""
-    # Imported here: the registries import this module for their base options.
-    from ..datasets import DATASETS
-    from ..methods import METHODS
-
-    method_cls = METHODS.get(method)
-    dataset_entry = DATASETS.get(dataset)
-    cfg = RunConfig(method=method_cls.Options(name=method), dataset=dataset_entry.Options(name=dataset))
-
-    layers: list[tuple[str, Any]] = []
-    preset_name = preset or dataset_entry.default_preset
-    if preset_name:
-        layers += _layer_items(load_preset(preset_name), method, dataset)
-    if config_file:
-        layers += _layer_items(load_config_file(config_file), method, dataset)
-    layers += [parse_override(o) for o in overrides]
-    for key, value in layers:
-        if key in ("method.name", "dataset.name"):
-            # A saved run config names them; it must agree with the command line.
-            chosen = method if key == "method.name" else dataset
-            if value != chosen:
-                raise UserError(f"{key} = {value!r} in the config, but --{key.split('.')[0]} {chosen}")
-            continue
-        _assign(cfg, key, value)
-    if seed is not None:
-        cfg.seed = seed
-    if device is not None:
-        _assign(cfg, "device", device)
-    if data_root is not None:
-        cfg.dataset.root = data_root
-    validate(cfg)
-    return cfg
-
-
 # ---------------------------------------------------------------------------
 # Validation
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise UserError(f"bad value for {key}: {value!r} ({allowed})")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Range checks that types alone cannot express; raises UserError naming the key."""
-    from ..datasets.base import NORMALIZATIONS
-    from ..datasets.partition import PARTITIONERS, PROTOCOLS
+def check_ranges(cfg: RunConfig) -> None:
+    """Range checks that types alone cannot express; raises UserError naming the key.
 
+    Checks that need the registries (the partition scheme's name) live in
+    `resolve.validate`, which calls this first.
+    """
     dev = cfg.device
-    _require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", dev, "auto, cpu, cuda or cuda:N")
+    require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", dev, "auto, cpu, cuda or cuda:N")
     m, d, t = cfg.model, cfg.data, cfg.train
     for key, value in (("model.patch_size", m.patch_size), ("model.embed_dim", m.embed_dim),
                        ("model.depth", m.depth), ("model.num_heads", m.num_heads),
                        ("data.num_clients", d.num_clients), ("train.rounds", t.rounds),
                        ("train.local_epochs", t.local_epochs), ("train.batch_size", t.batch_size),
                        ("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size)):
-        _require(value >= 1, key, value, "must be >= 1")
-    _require(m.image_size >= 0, "model.image_size", m.image_size, "0 = native, or a size in pixels")
-    _require(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
+        require(value >= 1, key, value, "must be >= 1")
+    require(m.image_size >= 0, "model.image_size", m.image_size, "0 = native, or a size in pixels")
+    require(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
              f"must be divisible by model.num_heads={m.num_heads}")
-    _require(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
-    _require(d.partition in PARTITIONERS, "data.partition", d.partition,
-             f"choose one of: {', '.join(PARTITIONERS.names())}")
-    _require(d.protocol in PROTOCOLS, "data.protocol", d.protocol, f"choose one of: {', '.join(PROTOCOLS)}")
-    _require(d.normalize in NORMALIZATIONS, "data.normalize", d.normalize,
-             f"choose one of: {', '.join(NORMALIZATIONS)}")
-    _require(d.alpha > 0, "data.alpha", d.alpha, "must be > 0")
-    _require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
-    _require(d.clients_per_domain >= 1, "data.clients_per_domain", d.clients_per_domain, "must be >= 1")
-    _require(d.min_samples >= 0, "data.min_samples", d.min_samples, "must be >= 0")
-    _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
-    _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
-    _require(d.val_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
+    require(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
+    require(d.normalize in NORMALIZATIONS, "data.normalize", d.normalize,
+            f"choose one of: {', '.join(NORMALIZATIONS)}")
+    require(d.alpha > 0, "data.alpha", d.alpha, "must be > 0")
+    require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
+    require(d.clients_per_domain >= 1, "data.clients_per_domain", d.clients_per_domain, "must be >= 1")
+    require(d.min_samples >= 0, "data.min_samples", d.min_samples, "must be >= 0")
+    require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
+    require(d.val_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
              "val_fraction + test_fraction must leave training samples")
-    _require(t.eval_timing in EVAL_TIMINGS, "train.eval_timing", t.eval_timing,
-             f"choose one of: {', '.join(EVAL_TIMINGS)}")
-    _require(0 < t.sample_fraction <= 1, "train.sample_fraction", t.sample_fraction, "must be in (0, 1]")
-    _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
-    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = off)")
+    require(t.eval_timing in EVAL_TIMINGS, "train.eval_timing", t.eval_timing,
+            f"choose one of: {', '.join(EVAL_TIMINGS)}")
+    require(0 < t.sample_fraction <= 1, "train.sample_fraction", t.sample_fraction, "must be in (0, 1]")
+    require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = off)")
     for options in (cfg.method, cfg.dataset):  # each may check its own fields
         check = getattr(options, "validate", None)
         if check is not None:

@@ -20,10 +20,11 @@ from typing import Callable, Sequence
 from torch import nn
 
 from ..methods.structure import embedding_parameters, layer_groups, module_names, transformer_blocks
-from .config import RunConfig, config_hash, resolve_config
+from .config import RunConfig, config_hash
 from .engine import Callback, Simulation
 from .errors import UserError
 from .reports import sensitivity_csv, sensitivity_png
+from .resolve import RunSpec
 from .tracking import ParentRun, RunRecorder
 
 STAGE = "sensitivity"
@@ -102,13 +103,8 @@ def _slug(label: str) -> str:
 
 def run_sensitivity(
     dataset: str,
+    spec: RunSpec = RunSpec(),
     *,
-    preset: str | None = None,
-    config_file: str | None = None,
-    overrides: Sequence[str] = (),
-    seed: int | None = None,
-    device: str | None = None,
-    data_root: str | None = None,
     tracking_uri: str | None = None,
     experiment: str = "pflbench",
     out_dir: str | Path | None = None,
@@ -119,18 +115,17 @@ def run_sensitivity(
     The table (CSV) and bar chart (PNG) go to `out_dir` (a temporary folder
     when None) and are attached to the parent run.
     """
-    for text in overrides:
+    for text in spec.overrides:
         if text.strip().startswith("method."):
             raise UserError(f"bench sensitivity chooses the method settings itself; drop --set {text}")
 
     def resolve(method: str, extra: Sequence[str] = ()) -> RunConfig:
-        return resolve_config(method, dataset, preset=preset, config_file=config_file,
-                              overrides=[*overrides, *extra], seed=seed, device=device, data_root=data_root)
+        return spec.with_overrides(*extra).resolve(method, dataset)
 
     base_cfg = resolve("fedavg")
     baseline = Simulation(base_cfg)
     parts = study_parts(baseline.model)
-    params = {"dataset": dataset, "seed": base_cfg.seed, "preset": preset or "", "parts": len(parts),
+    params = {"dataset": dataset, "seed": base_cfg.seed, "preset": spec.preset or "", "parts": len(parts),
               "config_hash": config_hash(base_cfg)}
     results: list[PartResult] = []
     with ParentRun(tracking_uri, experiment, run_name=f"sensitivity-{dataset}-s{base_cfg.seed}", stage=STAGE,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..benchmark.config import DatasetConfig
+from ..benchmark.config import NORMALIZATIONS, DatasetConfig
 from ..benchmark.registry import Registry
 from .partition import Partition
 
@@ -81,9 +81,6 @@ def register_dataset(
         return load
 
     return wrap
-
-
-NORMALIZATIONS = ("train", "fixed")  # train: statistics of the training images only; fixed: (0.5, 0.5)
 
 
 def channel_statistics(images: torch.Tensor, index: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

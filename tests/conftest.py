@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from pflbench.benchmark.config import resolve_config
+from pflbench.benchmark.resolve import resolve_config
 
 # Tiny models gain nothing from threads, and one thread per test process keeps timings stable.
 torch.set_num_threads(1)

@@ -15,7 +15,8 @@ from fileformats import (
 )
 
 from pflbench.benchmark.cli import main
-from pflbench.benchmark.config import DatasetConfig, resolve_config
+from pflbench.benchmark.config import DatasetConfig
+from pflbench.benchmark.resolve import resolve_config
 from pflbench.benchmark.errors import UserError
 from pflbench.datasets import DATASETS, cifar100, folders, officehome, organamnist
 from pflbench.datasets.imagefolder import ImageFolderOptions, load_imagefolder

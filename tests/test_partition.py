@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from pflbench.benchmark.config import DataConfig, resolve_config
+from pflbench.benchmark.config import DataConfig
+from pflbench.benchmark.resolve import resolve_config
 from pflbench.benchmark.errors import UserError
 from pflbench.benchmark.reports import label_skew
 from pflbench.datasets import ImageSet, Partition, make_partition, partition_for

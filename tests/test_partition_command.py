@@ -7,7 +7,8 @@ from fileformats import write_officehome
 from PIL import Image
 
 from pflbench.benchmark.cli import main
-from pflbench.benchmark.config import list_presets, resolve_config
+from pflbench.benchmark.config import list_presets
+from pflbench.benchmark.resolve import resolve_config
 from pflbench.benchmark.reports import label_skew
 from pflbench.datasets import DATASETS, Partition, partition_for
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from pflbench.benchmark.config import resolve_config
+from pflbench.benchmark.resolve import resolve_config
 from pflbench.benchmark.engine import Simulation
 from pflbench.benchmark.errors import UserError
 from pflbench.benchmark.models import build_model

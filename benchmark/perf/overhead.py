@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import resolve_config
 from ..engine import Simulation
+from ..resolve import RunSpec
 
 
 def _steps(sizes: list[int], batch_size: int) -> int:
@@ -84,19 +84,22 @@ class OverheadResult:
 
 
 def measure(
-    *, clients: int = 4, rounds: int = 3, repeats: int = 3, dataset: str = "digits", data_root: str | None = None,
-    device: str = "cpu", overrides: list[str] | None = None, on_repeat=None,
+    spec: RunSpec = RunSpec(device="cpu"), *, clients: int = 4, rounds: int = 3, repeats: int = 3,
+    dataset: str = "digits", on_repeat=None,
 ) -> OverheadResult:
-    """Alternate engine and tight-loop runs `repeats` times; `on_repeat(i, result)` after each pair."""
+    """Alternate engine and tight-loop runs `repeats` times; `on_repeat(i, result)` after each pair.
+
+    The benchmark's own settings come first; `spec`'s overrides, device and data root apply over them.
+    """
     # ViT 96 wide x 4 deep, batch 64, plain SGD: the setting of DESIGN.md's performance target.
     settings = [
         "model.embed_dim=96", "model.depth=4", "model.num_heads=4", "model.patch_size=2",
         "data.partition=iid", f"data.num_clients={clients}", "data.augment=false",
         "train.batch_size=64", "train.lr=0.01", "train.momentum=0.0", "train.sample_fraction=1.0",
         f"train.rounds={rounds + 1}", f"train.eval_every={rounds + 1}", "train.local_epochs=1",
-        *(overrides or []),
     ]
-    cfg = resolve_config("fedavg", dataset, preset="smoke", overrides=settings, device=device, data_root=data_root)
+    spec = RunSpec(preset="smoke", overrides=(*settings, *spec.overrides), device=spec.device, data_root=spec.data_root)
+    cfg = spec.resolve("fedavg", dataset)
     result = OverheadResult(clients)
     for i in range(repeats):
         rate, n, result.engine_steps = _engine(cfg)
