@@ -185,7 +185,7 @@ def test_hypernetwork_grows_only_by_chunk_embeddings():
     embed, n_hidden, chunk = 3, 1, 96
     body = embed * hidden + hidden + n_hidden * (hidden * hidden + hidden)
     info = large.method.run_info()
-    assert info["hn_parameters"] == body + hidden * chunk + chunk + chunks[1] * hidden
+    assert info["hn_parameters"] == body + hidden * chunk + chunks[1] * hidden  # the generator has no bias
     assert info["hn_chunks"] == chunks[1]
     assert info["hn_client_embedding_parameters"] == embed * large.data.num_clients
     # The base is one value per generated value, counted apart from the hypernetwork.
