@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..datasets import DATASETS
+from ..datasets.base import NORMALIZATIONS
 from ..datasets.partition import PARTITIONERS, PROTOCOLS
 from ..methods import METHODS
 from .config import (
@@ -97,3 +98,4 @@ def validate(cfg: RunConfig) -> None:
     require(d.partition in PARTITIONERS, "data.partition", d.partition,
             f"choose one of: {', '.join(PARTITIONERS.names())}")
     require(d.protocol in PROTOCOLS, "data.protocol", d.protocol, f"choose one of: {', '.join(PROTOCOLS)}")
+    require(d.normalize in NORMALIZATIONS, "data.normalize", d.normalize, f"choose one of: {', '.join(NORMALIZATIONS)}")

@@ -99,6 +99,24 @@ def test_parse_override_keeps_equals_in_value():
     assert parse_override("method.personal=a=b") == ("method.personal", "a=b")
 
 
+def test_run_spec_is_one_value_for_every_command():
+    spec = RunSpec(preset="smoke", overrides=["train.lr=0.2"], seed=4)
+    assert spec.overrides == ("train.lr=0.2",)  # a list is frozen to a tuple: hashable, picklable
+    later = spec.with_overrides("train.lr=0.3")
+    assert later.resolve("fedavg", "digits").train.lr == 0.3  # added settings come last
+    assert spec.resolve("fedavg", "digits").train.lr == 0.2 and spec.resolve("local", "digits").seed == 4
+
+
+def test_config_module_imports_no_registry():
+    import subprocess
+    import sys
+
+    code = ("import sys, pflbench.benchmark.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('pflbench.methods', 'pflbench.datasets'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 @pytest.mark.parametrize("preset,dataset", [
     ("paper-cifar100", "cifar100"), ("paper-organamnist", "organamnist"), ("paper-officehome", "officehome"),
 ])
@@ -117,21 +135,3 @@ def test_other_presets_keep_the_defaults(preset):
     cfg = resolve_config("fedperfix", "imagefolder" if preset == "cpu-cifar10" else "digits", preset=preset)
     assert (cfg.data.dirichlet_cap, cfg.data.normalize, cfg.data.stratify) == (False, "train", False)
     assert cfg.train.eval_timing == "after-aggregation" and cfg.method.personal_blocks == 0
-
-
-def test_run_spec_is_one_value_for_every_command():
-    spec = RunSpec(preset="smoke", overrides=["train.lr=0.2"], seed=4)
-    assert spec.overrides == ("train.lr=0.2",)  # a list is frozen to a tuple: hashable, picklable
-    later = spec.with_overrides("train.lr=0.3")
-    assert later.resolve("fedavg", "digits").train.lr == 0.3  # added settings come last
-    assert spec.resolve("fedavg", "digits").train.lr == 0.2 and spec.resolve("local", "digits").seed == 4
-
-
-def test_config_module_imports_no_registry():
-    import subprocess
-    import sys
-
-    code = ("import sys, pflbench.benchmark.config; "
-            "print(sorted(m for m in sys.modules if m.startswith(('pflbench.methods', 'pflbench.datasets'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
