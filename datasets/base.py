@@ -83,7 +83,9 @@ def register_dataset(
     return wrap
 
 
-def channel_statistics(images: torch.Tensor, index: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_statistics(
+    images: torch.Tensor, index: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std in [0, 1] of `images[index]` (uint8 N,H,W,C), in float64 chunks.
 
     Only the given images enter the statistics, so test images never shape

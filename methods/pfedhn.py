@@ -330,7 +330,8 @@ class PFedHN(Method):
         self.targets = self._select_targets(model, shared)
         super().server_init(model, {n: t for n, t in shared.items() if n not in set(self.targets)}, num_clients)
         initial = {n: shared[n].detach().float() for n in self.targets}
-        rms = math.sqrt(sum(float(t.square().sum()) for t in initial.values()) / sum(t.numel() for t in initial.values()))
+        size = sum(t.numel() for t in initial.values())
+        rms = math.sqrt(sum(float(t.square().sum()) for t in initial.values()) / size)
         self.hn = ChunkedHypernetwork(
             num_clients, {n: shared[n].shape for n in self.targets},
             embed_dim=opts.embed_dim or 1 + num_clients // 4, hidden_dim=opts.hidden_dim,
