@@ -1,27 +1,23 @@
-"""The `bench` command: the only module that uses argparse and rich.
+"""The `bench` command: argument parsing and the commands (what they print lives in console.py).
 
 Exit status: 0 success, 2 a user error (one line on stderr, no traceback),
-1 an internal failure, 130 interrupted.
+1 an internal failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
+import os
+import signal
 import sys
+import tempfile
 import traceback
+from importlib import metadata
 from pathlib import Path
-from typing import Callable, Mapping, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-
-from .errors import TrainingDiverged, UserError
-
-console = Console()
-err_console = Console(stderr=True)
+from . import console as show
+from .errors import Terminated, TrainingDiverged, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,6 +25,55 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+# ---------------------------------------------------------------------------
+# Output paths: checked before any work, so a finished study is never lost to a typo
+
+
+def _check_output_file(path: str, option: str, suffixes: Sequence[str] = ()) -> Path:
+    target = Path(path)
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {path}: expected a file name ending in {' or '.join(suffixes)}")
+    if target.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise UserError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or target.exists() and not os.access(target, os.W_OK):
+        raise UserError(f"{option} {path}: not writable")
+    return target
+
+
+def _check_output_dir(path: str, option: str) -> Path:
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder")
+    existing = target
+    while not existing.exists():  # the folder is created later; its nearest existing parent must allow it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{option} {path}: {existing} is not writable")
+    return target
 
 
 # ---------------------------------------------------------------------------
@@ -40,20 +85,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ..methods import METHODS
     from .config import list_presets
 
-    sections: list[tuple[str, Mapping[str, str]]] = [
+    show.show_list([
         ("methods", {n: METHODS.get(n).description() for n in METHODS}),
         ("datasets", {n: DATASETS.get(n).description for n in DATASETS}),
         ("presets", list_presets()),
         ("partitions", {n: PARTITIONERS.get(n).description for n in PARTITIONERS}),
-    ]
-    for title, rows in sections:
-        table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
-        table.add_column(style="bold cyan", no_wrap=True)
-        table.add_column()
-        for name, text in rows.items():
-            table.add_row(name, text)
-        console.print(table)
-        console.print()
+    ])
     return 0
 
 
@@ -72,6 +109,20 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default ./data)")
 
 
+def _names(args: argparse.Namespace, method: str | None, dataset: str | None) -> tuple[str, str]:
+    """--method/--dataset, or the names in the --config file (a run's own config.toml names both)."""
+    if (method is None or dataset is None) and getattr(args, "config", None):
+        from .config import names_in_config_file
+
+        in_file = names_in_config_file(args.config)
+        method, dataset = method or in_file[0], dataset or in_file[1]
+    missing = [flag for flag, v in (("--method", method), ("--dataset", dataset)) if v is None]
+    if missing:
+        raise UserError(f"the following arguments are required: {', '.join(missing)}"
+                        " (or a --config file that names them)")
+    return method, dataset
+
+
 def _spec(args: argparse.Namespace):
     """The command's settings layers as one value (built once per command)."""
     from .resolve import RunSpec
@@ -80,91 +131,11 @@ def _spec(args: argparse.Namespace):
                    seed=args.seed, device=args.device, data_root=args.data_root)
 
 
-class _RichProgress:
-    """Engine callback: a progress bar over rounds showing the latest accuracy."""
-
-    def __init__(self, total_rounds: int, label: str):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("round {task.fields[round_text]}"), TextColumn("acc {task.fields[acc]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-        )
-        self.task = self.progress.add_task(label, total=total_rounds, acc="-", round_text="")
-        self.total_rounds = total_rounds
-
-    def on_start(self, sim) -> None:
-        self.progress.start()
-
-    def on_progress(self, round_index: int, done: int, total: int) -> None:
-        self.progress.update(self.task, round_text=f"{round_index} ({done}/{total} clients)")
-
-    def on_round(self, round_index: int, metrics: Mapping[str, float]) -> None:
-        acc = metrics.get("test_acc_mean", math.nan)
-        fields = {"acc": f"{acc:.4f}"} if not math.isnan(acc) else {}
-        self.progress.update(self.task, completed=round_index, round_text=str(round_index), **fields)
-
-    def on_end(self, sim, result) -> None:
-        self.progress.stop()
-
-    def stop(self) -> None:
-        self.progress.stop()
-
-
-def _results_table(sim, result, run_id: str | None) -> Table:
-    table = Table(title=f"{sim.cfg.method.name} on {sim.cfg.dataset.name}, seed {sim.cfg.seed}",
-                  title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    final = result.final.metrics()
-    for key in ("test_acc_mean", "test_acc_weighted", "val_acc_mean"):
-        if key in final:
-            table.add_row(key, f"{final[key]:.4f}")
-    last = result.history[-1]
-    for key, value in result.held_out_metrics.items():
-        table.add_row(key, f"{value:.4f}")
-    table.add_row("train_loss (last round)", f"{last['train_loss']:.4f}")
-    table.add_row("bytes_up per round", f"{last['bytes_up']:,.0f}")
-    table.add_row("bytes_down per round", f"{last['bytes_down']:,.0f}")
-    table.add_row("parameters (personal)", f"{sim.num_parameters:,} ({sim.num_personal_parameters:,})")
-    table.add_row("rounds, wall time", f"{len(result.history)}, {result.seconds:.1f} s")
-    return table
-
-
-def _final_line(sim, result, run_id: str | None) -> str:
-    m = result.final.metrics()
-    return (f"{sim.cfg.method.name} {sim.cfg.dataset.name} seed={sim.cfg.seed} "
-            f"test_acc_mean={m['test_acc_mean']:.4f} test_acc_weighted={m['test_acc_weighted']:.4f} "
-            f"run_id={run_id}")
-
-
-class _LoadProgress:
-    """A dataset loader's progress callback: a bar that appears once slow work (decoding) starts."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.progress: Progress | None = None
-        self.task = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.progress is None:
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(self.label, total=total)
-        self.progress.update(self.task, completed=done, total=total)
-
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
 def _load_images(cfg, quiet: bool = False):
     """The run's dataset, with a progress bar while images are decoded (first use only)."""
     from ..datasets import DATASETS
 
-    bar = None if quiet else _LoadProgress(f"decoding {cfg.dataset.name} images (cached afterwards)")
+    bar = None if quiet else show.LoadProgress(f"decoding {cfg.dataset.name} images (cached afterwards)")
     try:
         return DATASETS.get(cfg.dataset.name).load(cfg.dataset, progress=bar)
     finally:
@@ -172,37 +143,92 @@ def _load_images(cfg, quiet: bool = False):
             bar.stop()
 
 
+def _resumed_config(args: argparse.Namespace, run):
+    """The resumed run's own config (from its config.toml), with only --device/--data-root changed."""
+    from .config import names_in_config_file
+    from .resolve import RunSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.toml"
+        path.write_text(run.config_toml)
+        method, dataset = names_in_config_file(path)
+        return RunSpec(config_file=str(path), device=args.device, data_root=args.data_root).resolve(method, dataset)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import to_toml
 
-    cfg = _spec(args).resolve(args.method, args.dataset)
+    if args.explain and not args.dry_run:
+        raise UserError("--explain goes with --dry-run")
+    if args.resume:
+        return _resume(args)
+    cfg = _spec(args).resolve(*_names(args, args.method, args.dataset))
     if args.dry_run:
-        console.print(to_toml(cfg), markup=False, highlight=False, end="")
+        if args.explain:
+            from .config import explain
+
+            show.show_explained(explain(cfg))
+        else:
+            show.print_plain(to_toml(cfg), end="")
         return 0
+    from .tracking import RunRecorder
+
+    tags = dict(args.tags)
+    recorder = RunRecorder(args.tracking_uri, args.experiment, run_name=args.run_name, extra_tags=tags).prepare()
+    return _train(args, cfg, recorder)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from ..datasets import Partition
+    from .checkpoint import read_checkpoint, restore
+    from .tracking import RunRecorder, default_tracking_uri, resumable_run
+
+    given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset), ("--preset", args.preset),
+                                  ("--config", args.config), ("--seed", args.seed), ("--set", args.overrides),
+                                  ("--run-name", args.run_name), ("--tag", args.tags), ("--dry-run", args.dry_run))
+             if v is not None and v != [] and v is not False]
+    if given:
+        raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
+    uri = args.tracking_uri or default_tracking_uri()
+    run = resumable_run(uri, args.resume)
+    if run.status == "FINISHED":
+        raise UserError(f"run {run.run_id} has already finished")
+    if run.alive:
+        raise UserError(f"run {run.run_id} is still running in another process on this host")
+    if run.checkpoint is None:
+        raise UserError(f"run {run.run_id} was started without checkpoints (run.checkpoint_every=0);"
+                        " it cannot be resumed")
+    cfg = _resumed_config(args, run)
+    partition = Partition.from_json(run.partition_json, f"run {run.run_id}'s partition.json")
+    state = read_checkpoint(run.checkpoint, "cpu")
+    recorder = RunRecorder(uri, run.experiment, resume_run_id=run.run_id).prepare()
+    return _train(args, cfg, recorder, partition=partition,
+                  resume=lambda sim: restore(sim, state, run.checkpoint))
+
+
+def _train(args, cfg, recorder, *, partition=None, resume=None) -> int:
+    """Build the simulation, run it with progress and tracking, report; the shared tail of run and resume."""
+    from .checkpoint import Checkpointer
     from .engine import Simulation
-    from .tracking import RunRecorder, ui_command
+    from .tracking import ui_command
 
     images = _load_images(cfg, args.quiet)
-    status = None if args.quiet else console.status("loading data and building the model")
+    status = None if args.quiet else show.console.status("loading data and building the model")
     if status:
         status.start()
     try:
-        sim = Simulation(cfg, images=images)
+        sim = Simulation(cfg, images=images, partition=partition)
+        if resume is not None:
+            resume(sim)
     finally:
         if status:
             status.stop()
-    recorder = RunRecorder(args.tracking_uri, args.experiment)
-    callbacks: list = [recorder]
+    checkpointer = Checkpointer(recorder.checkpoint_path, cfg.run.checkpoint_every)
+    callbacks: list = [recorder, checkpointer]  # the round is logged before it is checkpointed
     progress = None
     if not args.quiet:
-        info = "".join(f", {k} {v:,}" if isinstance(v, (int, float)) else f", {k} {v}"
-                       for k, v in sim.method.run_info().items())
-        console.print(
-            f"[bold]{cfg.method.name}[/] on [bold]{cfg.dataset.name}[/]: {sim.data.num_clients} clients,"
-            f" {sim.num_parameters:,} parameters ({sim.num_personal_parameters:,} personal), device {sim.device}"
-            + info
-        )
-        progress = _RichProgress(cfg.train.rounds, f"{cfg.method.name}/{cfg.dataset.name}")
+        show.show_run_header(sim)
+        progress = show.round_progress(cfg.train.rounds, f"{cfg.method.name}/{cfg.dataset.name}")
         callbacks.append(progress)
     try:
         with recorder:
@@ -212,21 +238,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if progress:
             progress.stop()
+    if checkpointer.saved is not None and not cfg.run.keep_checkpoint:
+        checkpointer.saved.unlink(missing_ok=True)  # finished: nothing is left to resume
     if not args.quiet:
-        console.print(_results_table(sim, result, recorder.run_id))
-        console.print(f"MLflow run [bold]{recorder.run_id}[/] in experiment '{args.experiment}'")
-        console.print(f"view it: [bold]{ui_command(recorder.tracking_uri)}[/]", soft_wrap=True)
-    print(_final_line(sim, result, recorder.run_id))
+        show.show_run_result(sim, result, recorder.run_id, recorder.experiment, recorder.url,
+                             ui_command(recorder.tracking_uri))
+    print(show.final_line(sim, result, recorder.run_id))
     return 0
 
 
+RUN_EXAMPLES = """examples:
+  bench run --method fedperfix --dataset digits
+  bench run --method fedavg --dataset imagefolder --preset cpu-cifar10 --data-root /data \\
+            --set train.rounds=50 --set run.checkpoint_every=5 --tag purpose=baseline
+"""
+
+
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="train one federated experiment and record it in MLflow")
-    p.add_argument("--method", required=True, help="method name (`bench list`)")
-    p.add_argument("--dataset", required=True, help="dataset name (`bench list`)")
+    p = sub.add_parser("run", help="train one federated experiment and record it in MLflow", epilog=RUN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", help="method name (`bench list`); optional with a --config that names it")
+    p.add_argument("--dataset", help="dataset name (`bench list`); optional with a --config that names it")
     _add_config_arguments(p)
     _add_tracking_arguments(p)
+    p.add_argument("--run-name", metavar="NAME", help="MLflow run name (default METHOD-DATASET-sSEED)")
+    p.add_argument("--tag", dest="tags", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="an extra MLflow tag on the run (repeatable)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue a killed run from its last checkpoint, in the same MLflow run")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--explain", action="store_true", help="with --dry-run: each key with its one-line description")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     p.set_defaults(func=cmd_run)
 
@@ -252,57 +293,29 @@ def _scheme(cfg) -> str:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from ..datasets import partition_for
     from .reports import label_skew, partition_heatmap_png
 
     cfg = _spec(args).resolve("fedavg", args.dataset)
+    if args.plot:
+        _check_output_file(args.plot, "--plot", (".png",))
+    if args.save:
+        _check_output_file(args.save, "--save", (".json",))
     images = _load_images(cfg)
     partition = partition_for(images, cfg.data, cfg.seed)
     counts = partition.class_counts(images.labels, images.num_classes)
-    skew = label_skew(counts)
-    overall = label_skew(counts.sum(axis=0, keepdims=True))
-
-    table = Table(title=f"{cfg.dataset.name}: {partition.num_clients} clients, {_scheme(cfg)}", title_justify="left")
-    for name in ("client", "train", "val", "test", "classes", "top class share", "entropy (bits)"):
-        table.add_column(name, justify="right")
-    show_domains = images.domains is not None
-    if show_domains:
-        table.add_column("domain")
-    for c in range(partition.num_clients):
-        row = [str(c), str(len(partition.train[c])), str(len(partition.val[c])), str(len(partition.test[c])),
-               str(skew["classes"][c]), f"{skew['dominant'][c]:.2f}", f"{skew['entropy'][c]:.2f}"]
-        if show_domains:
-            held = np.concatenate([partition.train[c], partition.val[c], partition.test[c]])
-            row.append(", ".join(images.domain_names[d] for d in np.unique(images.domains[held])))
-        table.add_row(*row)
-    table.add_section()
-    sizes = {s: np.array([len(ix) for ix in getattr(partition, s)]) for s in ("train", "val", "test")}
-    for label, fn in (("mean", np.mean), ("min", np.min), ("max", np.max)):
-        row = [label, *(f"{fn(sizes[s]):.0f}" for s in ("train", "val", "test")),
-               f"{fn(skew['classes']):.1f}", f"{fn(skew['dominant']):.2f}", f"{fn(skew['entropy']):.2f}"]
-        table.add_row(*row, *([""] if show_domains else []))
-    console.print(table)
-    used = int(skew["samples"].sum())
-    console.print(
-        f"{used:,} of {len(images.labels):,} samples used; label entropy per client {skew['entropy'].mean():.2f} bits"
-        f" on average vs {overall['entropy'][0]:.2f} for the whole set (lower = more skew);"
-        f" the top class holds {skew['dominant'].mean():.0%} of a client's samples on average;"
-        f" partition hash {partition.digest()}",
-        highlight=False,
-    )
+    show.show_partition(partition, images, label_skew(counts), label_skew(counts.sum(axis=0, keepdims=True)), counts,
+                        f"{cfg.dataset.name}: {partition.num_clients} clients, {_scheme(cfg)}")
     if args.plot:
         path = partition_heatmap_png(counts, images.class_names, args.plot,
                                      f"{cfg.dataset.name}: {_scheme(cfg)}")
-        console.print(f"heatmap: {path}", highlight=False)
+        show.print_plain(f"heatmap: {path}")
     if args.save:
         try:
             Path(args.save).write_text(partition.to_json())
         except OSError as err:
             raise UserError(f"cannot write {args.save}: {err.strerror}") from None
-        console.print(f"partition saved: {args.save} (reuse it with --set data.partition_file={args.save})",
-                      highlight=False)
+        show.print_plain(f"partition saved: {args.save} (reuse it with --set data.partition_file={args.save})")
     return 0
 
 
@@ -319,14 +332,16 @@ def _add_partition(sub) -> None:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .sensitivity import run_sensitivity
-    from .tracking import ui_command, default_tracking_uri
+    from .tracking import default_tracking_uri, ui_command
 
-    progress: list[_RichProgress] = []
+    if args.out is not None:
+        _check_output_dir(args.out, "--out")
+    progress: list = []
 
     def callbacks(part, cfg):
         if args.quiet:
             return ()
-        progress.append(_RichProgress(cfg.train.rounds, f"{part.label}"))
+        progress.append(show.round_progress(cfg.train.rounds, f"{part.label}"))
         return (progress[-1],)
 
     try:
@@ -338,21 +353,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         for bar in progress:
             bar.stop()
     if not args.quiet:
-        table = Table(title=f"where to personalize: {study.dataset}, seed {study.seed} (personalized test accuracy)",
-                      title_justify="left")
-        for column, justify in (("part", "left"), ("group", "left"), ("personal params", "right"),
-                                ("test_acc_mean", "right"), ("vs FedAvg", "right")):
-            table.add_column(column, justify=justify)
-        for row in study.rows():
-            delta = "" if row["group"] == "baseline" else f"{row['delta_vs_fedavg']:+.4f}"
-            table.add_row(str(row["part"]), str(row["group"]), f"{row['personal_parameters']:,}",
-                          f"{row['test_acc_mean']:.4f}", delta)
-        console.print(table)
-        for kind, path in study.files.items():
-            console.print(f"{kind}: {path}")
-        uri = args.tracking_uri or default_tracking_uri()
-        console.print(f"MLflow parent run [bold]{study.parent_run_id}[/] in experiment '{args.experiment}'")
-        console.print(f"view it: [bold]{ui_command(uri)}[/]", soft_wrap=True)
+        show.show_sensitivity(study, args.experiment, ui_command(args.tracking_uri or default_tracking_uri()))
     best = max(study.results[1:], key=lambda r: r.test_acc_mean)
     print(f"sensitivity {study.dataset} seed={study.seed} fedavg={study.baseline.test_acc_mean:.4f} "
           f"best={best.part.label!r}:{best.test_acc_mean:.4f} parent_run_id={study.parent_run_id}")
@@ -378,28 +379,18 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
 
     from .perf.overhead import measure
 
-    torch.set_num_threads(args.threads)
-
-    def show(i: int, result) -> None:
-        if not args.quiet:
-            console.print(f"repeat {i + 1}: engine {result.engine[-1]:8.1f} samples/s   tight loop"
-                          f" {result.tight[-1]:8.1f} samples/s   ({result.samples} samples)", highlight=False)
-
     from .resolve import RunSpec
 
     spec = RunSpec(overrides=tuple(args.overrides), device=args.device, data_root=args.data_root)
-    result = measure(spec, clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
-                     on_repeat=show)
-    table = Table(title=f"engine overhead: FedAvg with {result.clients} clients vs a tight loop", title_justify="left")
-    for column in ("", "samples/s (median)", "per repeat", "optimizer steps"):
-        table.add_column(column, justify="right" if column else "left")
-    table.add_row("engine", f"{statistics.median(result.engine):.1f}", ", ".join(f"{r:.1f}" for r in result.engine),
-                  str(result.engine_steps))
-    table.add_row("tight loop", f"{statistics.median(result.tight):.1f}", ", ".join(f"{r:.1f}" for r in result.tight),
-                  str(result.tight_steps))
-    table.caption = "each client ends its epoch on a partial batch: more, smaller steps for the same samples"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        result = measure(spec, clients=args.clients, rounds=args.rounds, repeats=args.repeats, dataset=args.dataset,
+                         on_repeat=None if args.quiet else show.show_perf_repeat)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
     if not args.quiet:
-        console.print(table)
+        show.show_perf_overhead(result)
     ratios = ", ".join(f"{e / t:.3f}" for e, t in zip(result.engine, result.tight))
     print(f"ratio engine / tight loop: {result.ratio:.3f} (per repeat: {ratios})")
     return 0
@@ -411,10 +402,10 @@ def _add_perf(sub) -> None:
     o = perf.add_parser("overhead", help="samples/s through the engine vs a tight training loop, and their ratio")
     o.add_argument("--dataset", default="digits", help="dataset name (default digits, bundled)")
     o.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
-    o.add_argument("--clients", type=int, default=4, help="FedAvg clients, all trained every round (default 4)")
-    o.add_argument("--rounds", type=int, default=3, help="timed rounds = tight-loop epochs (default 3)")
-    o.add_argument("--repeats", type=int, default=3, help="alternating repeats; medians are reported (default 3)")
-    o.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    o.add_argument("--clients", type=_positive_int, default=4, help="FedAvg clients, all trained every round (default 4)")
+    o.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds = tight-loop epochs (default 3)")
+    o.add_argument("--repeats", type=_positive_int, default=3, help="alternating repeats; medians are reported (default 3)")
+    o.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
     o.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     o.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting of the benchmarked run")
@@ -423,13 +414,53 @@ def _add_perf(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# bench runs
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .tracking import default_tracking_uri, list_runs, mark_killed
+
+    if args.mark_killed and not args.stale:
+        raise UserError("--mark-killed goes with --stale")
+    uri = args.tracking_uri or default_tracking_uri()
+    runs = list_runs(uri, stale=args.stale, limit=args.limit)
+    show.show_runs(runs, stale=args.stale)
+    if args.mark_killed and runs:
+        mark_killed(uri, [r.run_id for r in runs])
+        show.print_plain(f"marked {len(runs)} run(s) KILLED")
+    elif args.stale and runs:
+        show.print_plain(f"{len(runs)} stale run(s); continue one with bench run --resume RUN_ID"
+                         " (if it checkpointed), or close them with --mark-killed")
+    return 0
+
+
+def _add_runs(sub) -> None:
+    p = sub.add_parser("runs", help="list recorded runs; --stale: those left RUNNING by a process that is gone")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--stale", action="store_true",
+                   help="only runs left RUNNING whose process (on this host) is gone; other hosts are not judged")
+    p.add_argument("--mark-killed", action="store_true", help="with --stale: end those runs KILLED")
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most this many runs (default 50)")
+    p.set_defaults(func=cmd_runs)
+
+
+# ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf]
+COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_runs]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pflbench")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bench", description="pflbench: personalized federated learning on Vision Transformers")
+    parser.add_argument("--version", action="version", version=f"pflbench {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     p = sub.add_parser("list", help="list methods, datasets, presets and partition schemes")
     p.set_defaults(func=cmd_list)
@@ -438,19 +469,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame) -> NoReturn:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM (kill, timeout, Slurm, docker stop) takes Ctrl-C's path: the run ends KILLED, its records kept.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as err:
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        show.print_error(str(err))
         return 2
+    except Terminated as err:
+        show.err_console.print(f"terminated ({signal.Signals(err.signum).name})", markup=False)
+        return 128 + err.signum
     except KeyboardInterrupt:
-        err_console.print("interrupted", markup=False)
+        show.err_console.print("interrupted", markup=False)
         return 130
     except Exception:  # an internal failure: keep the traceback for the bug report
         traceback.print_exc()
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

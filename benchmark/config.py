@@ -19,9 +19,17 @@ that apply only when that method or dataset is the one being run.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
+import inspect
+import io
 import json
+import math
+import re
+import textwrap
+import tokenize
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -105,9 +113,18 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # clip each step's gradient norm; 0 = off
     eval_every: int = 1  # evaluate every client every N rounds (and after the last)
     eval_batch_size: int = 512  # batch size for evaluation
+    client_failure_rate: float = 0.0  # probability that a sampled client fails mid-round (seeded); its update is dropped
     # after-aggregation: every client, from the round's aggregated state (what pflbench reports);
     # after-local: the round's sampled clients right after their local training (the reference's timing)
     eval_timing: str = "after-aggregation"  # when a round's accuracy is measured (see above)
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out; nothing here changes its result."""
+
+    checkpoint_every: int = 0  # save the whole simulation every N rounds (resume with --resume); 0 = never
+    keep_checkpoint: bool = False  # keep the last checkpoint once the run has finished (default: delete it)
 
 
 @dataclass
@@ -121,10 +138,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunOptions = field(default_factory=RunOptions)
 
 
 # Keys that do not change the result: left out of the config hash.
-_UNHASHED = {"seed", "device", "dataset.root"}
+_UNHASHED = {"seed", "device", "dataset.root", "run.checkpoint_every", "run.keep_checkpoint"}
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most a signed 64-bit seed
+MAX_IMAGE_SIZE = 4096  # pixels a side: larger is a typo, not an experiment
 
 # ---------------------------------------------------------------------------
 # Presets
@@ -161,6 +182,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def names_in_config_file(path: str | Path) -> tuple[str | None, str | None]:
+    """`method.name` and `dataset.name` as a config file sets them (a run's config.toml sets both)."""
+    table = load_config_file(path)
+    names = []
+    for section in ("method", "dataset"):
+        value = table.get(section, {}).get("name") if isinstance(table.get(section), Mapping) else None
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"bad value for {section}.name in {path}: {value!r} (expected a name)")
+        names.append(value)
+    return names[0], names[1]
 
 
 # ---------------------------------------------------------------------------
@@ -202,14 +235,19 @@ def coerce(key: str, value: Any, target: Any) -> Any:
                 pass
         raise bad("an integer")
     if target is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad("a number")
+        if number is None:
+            raise bad("a number")
+        if not math.isfinite(number):  # nan and inf pass float(); no option means them
+            raise bad("a finite number")
+        return number
     if target is str:
         if isinstance(value, str):
             return value
@@ -296,7 +334,11 @@ def check_ranges(cfg: RunConfig) -> None:
                        ("train.local_epochs", t.local_epochs), ("train.batch_size", t.batch_size),
                        ("train.eval_every", t.eval_every), ("train.eval_batch_size", t.eval_batch_size)):
         require(value >= 1, key, value, "must be >= 1")
-    require(m.image_size >= 0, "model.image_size", m.image_size, "0 = native, or a size in pixels")
+    require(0 <= cfg.seed <= MAX_SEED, "seed", cfg.seed, f"must be in [0, {MAX_SEED}]")
+    require(0 <= m.image_size <= MAX_IMAGE_SIZE, "model.image_size", m.image_size,
+            f"0 = native, or a size in pixels up to {MAX_IMAGE_SIZE}")
+    require(-1 <= d.partition_seed <= MAX_SEED, "data.partition_seed", d.partition_seed,
+            f"-1 = the run's seed, or a seed in [0, {MAX_SEED}]")
     require(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
              f"must be divisible by model.num_heads={m.num_heads}")
     require(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
@@ -317,10 +359,76 @@ def check_ranges(cfg: RunConfig) -> None:
     require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 = off)")
+    require(0 <= t.client_failure_rate <= 1, "train.client_failure_rate", t.client_failure_rate, "must be in [0, 1]")
+    require(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every,
+            "must be >= 0 (0 = never)")
     for options in (cfg.method, cfg.dataset):  # each may check its own fields
         check = getattr(options, "validate", None)
         if check is not None:
             check()
+
+
+# ---------------------------------------------------------------------------
+# Descriptions: each field's trailing comment, read from the source
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments(cls: type) -> dict[str, str]:
+    """`{field: its trailing comment}` of a config dataclass and the dataclasses it extends."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if tok.type == tokenize.COMMENT}
+        (node,) = ast.parse(source).body
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                text = comments.get(stmt.end_lineno)
+                if text:
+                    out[stmt.target.id] = text
+    return out
+
+
+def _sentinel(value: Any, text: str) -> str | None:
+    """What a special value means, when the comment says (`0 = the dataset's native size`)."""
+    shown = {json.dumps(value) if isinstance(value, str) else repr(value)}
+    if isinstance(value, float) and value.is_integer():
+        shown.add(str(int(value)))  # a comment writes 0, not 0.0
+    for text_value in shown:
+        match = re.search(rf"(?:^|[;,(]\s*){re.escape(text_value)} = ([^;,)]+)", text)
+        if match:
+            return match.group(1).strip()
+    return None
+
+
+def explain(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """`(key, value as TOML, description)` for every key of a resolved config, sentinels spelled out."""
+    rows = []
+    values = flatten(cfg)
+
+    def walk(node: Any, prefix: str) -> None:
+        comments = field_comments(type(node))
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            text = comments.get(f.name, "")
+            meaning = _sentinel(value, text)
+            if meaning:
+                if meaning in values:  # the sentinel stands for another key: show its value
+                    meaning += f" = {_toml_value(values[meaning])}"
+                text += f"  [here: {meaning}]"
+            rows.append((f"{prefix}{f.name}", _toml_value(value), text))
+
+    walk(cfg, "")
+    return rows
 
 
 # ---------------------------------------------------------------------------

@@ -24,10 +24,12 @@ measured after aggregation on every client, or with `train.eval_timing =
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -134,8 +136,9 @@ class RunResult:
 def derive_seeds(seed: int) -> dict[str, int]:
     """Independent seeds for each random stream, all fixed by the run's seed."""
     # generate_state is prefix-stable: adding a stream at the end leaves the others unchanged.
-    init, sampling, batches, held_out = np.random.SeedSequence(seed).generate_state(4)
-    return {"init": int(init), "sampling": int(sampling), "batches": int(batches), "held_out": int(held_out)}
+    init, sampling, batches, held_out, failures = np.random.SeedSequence(seed).generate_state(5)
+    return {"init": int(init), "sampling": int(sampling), "batches": int(batches), "held_out": int(held_out),
+            "failures": int(failures)}
 
 
 class _ClientContext:
@@ -286,12 +289,24 @@ class Simulation:
         self._keep_personal(client)
         return ClientUpdate(client, self.data.num_samples(client), sent, params), stats
 
+    def failing_clients(self, round_index: int, selected: Sequence[int]) -> set[int]:
+        """The sampled clients that fail mid-round (`train.client_failure_rate`), from a per-round seed.
+
+        Drawn apart from client sampling, so a rate of 0 changes nothing else in the run.
+        """
+        rate = self.cfg.train.client_failure_rate
+        if rate <= 0:
+            return set()
+        draws = np.random.default_rng([self.seeds["failures"], round_index]).random(len(selected))
+        return {c for c, u in zip(selected, draws) if u < rate}
+
     def run_round(self, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
         """Train the sampled clients, aggregate, and evaluate when due; returns the round's metrics."""
         start = time.perf_counter()
         self.round_index += 1
         r = self.round_index
         selected = self.sample_clients()
+        failed = self.failing_clients(r, selected)
         updates: list[ClientUpdate] = []
         loss_sum = torch.zeros((), device=self.device)
         loss_samples, forward_samples, bytes_up, bytes_down = 0, 0, 0, 0
@@ -299,6 +314,12 @@ class Simulation:
         # The reference's timing: each sampled client as its local training left it.
         after_local = EvalResult.empty(self.data.num_clients) if due and self._after_local else None
         for done, client in enumerate(selected, 1):
+            if client in failed:
+                # It received the broadcast, then failed: nothing comes back and its state is unchanged.
+                bytes_down += state_bytes(self.method.broadcast(client))
+                for cb in callbacks:
+                    cb.on_progress(r, done, len(selected))
+                continue
             update, stats = self.train_client(client, r)
             bytes_down += state_bytes(update.sent)
             bytes_up += state_bytes(update.params)
@@ -310,13 +331,16 @@ class Simulation:
             updates.append(update)
             for cb in callbacks:
                 cb.on_progress(r, done, len(selected))
-        self.method.aggregate(updates)
+        if updates:  # a round in which every client failed keeps the previous server state
+            self.method.aggregate(updates)
         metrics: dict[str, float] = {
-            "train_loss": float(loss_sum) / max(loss_samples, 1),
+            "train_loss": float(loss_sum) / loss_samples if loss_samples else math.nan,
             "bytes_up": float(bytes_up),
             "bytes_down": float(bytes_down),
             "clients": float(len(selected)),
         }
+        if self.cfg.train.client_failure_rate > 0:
+            metrics["failed_clients"] = float(len(failed))
         if due:
             self.last_eval = after_local if after_local is not None else self.evaluate(self.training_clients)
             metrics.update(self.last_eval.metrics())
@@ -402,8 +426,45 @@ class Simulation:
         self.method.fit_held_out(list(self.held_out), train_held_out)
         return self.evaluate(self.held_out)
 
+    # -- checkpoints -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the remaining rounds depend on, as plain dicts of tensors and numbers.
+
+        Shared state lives in the method's server state; personal state per client
+        here. Batches and failures are seeded per round, so the sampler and torch's
+        global generator are the only random state that carries over.
+        """
+        last = self.last_eval
+        return {
+            "round": self.round_index,
+            "history": [dict(h) for h in self.history],
+            "sampler": json.dumps(self._sampler.bit_generator.state),  # 128-bit ints, kept exact as text
+            "torch_rng": torch.get_rng_state(),
+            "initial_personal": {n: t.detach().clone() for n, t in self._initial_personal.items()},
+            "personal": {int(c): {n: t.detach().clone() for n, t in st.items()} for c, st in self._personal.items()},
+            "method": self.method.state_dict(),
+            "last_eval": None if last is None else {
+                f.name: torch.from_numpy(v.copy()) if isinstance(v := getattr(last, f.name), np.ndarray) else v
+                for f in dataclasses.fields(last)},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state_dict()` of a simulation built from the same config."""
+        self.round_index = int(state["round"])
+        self.history = [{k: float(v) for k, v in h.items()} for h in state["history"]]
+        self._sampler.bit_generator.state = json.loads(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        with torch.no_grad():
+            for name, value in state["initial_personal"].items():
+                self._initial_personal[name].copy_(value)
+        self._personal = {int(c): {n: t.to(self.device) for n, t in st.items()} for c, st in state["personal"].items()}
+        self.method.load_state_dict(state["method"])
+        last = state["last_eval"]
+        self.last_eval = None if last is None else EvalResult(
+            **{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in last.items()})
+
     def run(self, callbacks: Sequence[Callback] = ()) -> RunResult:
-        """All remaining rounds; the last one is always evaluated."""
+        """All remaining rounds (from `round_index`, after a resume); the last one is always evaluated."""
         start = time.perf_counter()
         for cb in callbacks:
             cb.on_start(self)

@@ -20,3 +20,11 @@ class TrainingDiverged(Exception):
         self.round_index = round_index
         self.client = client
         self.loss = loss
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM): handled like Ctrl-C, the run ends KILLED."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum

@@ -45,7 +45,10 @@ def build_model(cfg: ModelConfig, *, image_size: int, in_chans: int, num_classes
 def _timm_vit(cfg: ModelConfig, *, image_size: int, in_chans: int, num_classes: int) -> VisionTransformer:
     import timm
 
-    if not timm.list_models(cfg.name):
+    if any(c in cfg.name for c in "*?[]"):
+        raise UserError(f"bad value for model.name: {cfg.name!r} (one timm model name, not a pattern;"
+                        f" `timm.list_models({cfg.name!r})` lists the matches)")
+    if not timm.is_model(cfg.name):
         vits = ", ".join(timm.list_models("vit_*")[:8])
         raise UserError(f"unknown model.name {cfg.name!r}; use 'vit' or a timm ViT such as {vits}, ...")
     try:
@@ -55,15 +58,20 @@ def _timm_vit(cfg: ModelConfig, *, image_size: int, in_chans: int, num_classes: 
     except TypeError:
         # Only ViTs take img_size; any other architecture lands here.
         raise UserError(f"model.name {cfg.name!r} is not a Vision Transformer") from None
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, AssertionError) as err:
         if not cfg.pretrained:
-            raise
+            raise UserError(f"model.name {cfg.name!r} cannot be built for {image_size} px images with"
+                            f" {in_chans} channels ({err}); set model.image_size to a size it takes") from None
         raise UserError(
             f"could not load pretrained weights for {cfg.name} (offline? {type(err).__name__});"
             " set model.pretrained=false, or model.pretrained_path=FILE to load a local checkpoint"
         ) from None
     if not isinstance(model, VisionTransformer):
         raise UserError(f"model.name {cfg.name!r} is not a Vision Transformer")
+    patch = model.patch_embed.patch_size
+    if image_size % patch[0] or image_size % patch[1]:
+        raise UserError(f"model.name {cfg.name!r} has {patch[0]} px patches, which do not tile {image_size} px images;"
+                        " set model.image_size to a multiple of the patch size")
     return model
 
 
@@ -78,7 +86,9 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt or non-tensor file: the user's to fix
-        raise UserError(f"cannot read weights from {path}: {err}") from None
+        # Not torch's message: it advises turning weights_only off, which must not be done with a foreign file.
+        raise UserError(f"cannot read weights from {path} ({type(err).__name__}): not a weights-only checkpoint"
+                        " of tensors; refusing to load it") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     own = model.state_dict()

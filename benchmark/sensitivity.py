@@ -123,13 +123,15 @@ def run_sensitivity(
         return spec.with_overrides(*extra).resolve(method, dataset)
 
     base_cfg = resolve("fedavg")
+    resolve("partial", ["method.personal=head.*"])  # the arms' config is refused now, not after the baseline
+    parent = ParentRun(tracking_uri, experiment, run_name=f"sensitivity-{dataset}-s{base_cfg.seed}", stage=STAGE,
+                       tags={"pflbench.dataset": dataset, "pflbench.seed": base_cfg.seed}).prepare()
     baseline = Simulation(base_cfg)
     parts = study_parts(baseline.model)
-    params = {"dataset": dataset, "seed": base_cfg.seed, "preset": spec.preset or "", "parts": len(parts),
-              "config_hash": config_hash(base_cfg)}
+    parent.params = {"dataset": dataset, "seed": base_cfg.seed, "preset": spec.preset or "", "parts": len(parts),
+                     "config_hash": config_hash(base_cfg)}
     results: list[PartResult] = []
-    with ParentRun(tracking_uri, experiment, run_name=f"sensitivity-{dataset}-s{base_cfg.seed}", stage=STAGE,
-                   tags={"pflbench.dataset": dataset, "pflbench.seed": base_cfg.seed}, params=params) as parent:
+    with parent:
         for part in parts:
             if part.patterns:
                 cfg = resolve("partial", [f"method.personal={','.join(part.patterns)}"])
@@ -149,7 +151,10 @@ def run_sensitivity(
         study = SensitivityResult(dataset, base_cfg.seed, results, parent.run_id)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(out_dir) if out_dir is not None else Path(tmp)
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # checked up front; this is a folder that changed meanwhile
+                raise UserError(f"cannot create {folder}: {err.strerror}") from None
             stem = f"sensitivity-{dataset}-s{base_cfg.seed}"
             csv = folder / f"{stem}.csv"
             csv.write_text(sensitivity_csv(study.rows()))

@@ -4,7 +4,8 @@ Shared by the Office-Home loader (groups are domains) and the generic image
 folder (groups are the official train / test splits). Images are decoded
 with Pillow and resized to a square side; the result is cached as `.npy`
 under `<dataset.root>/.pflbench-cache/`, keyed by the size and the file list
-(paths and byte sizes), so a changed size or file set rebuilds it.
+(paths, byte sizes and modification times), so a changed size, file set or an
+image edited in place rebuilds it.
 """
 
 from __future__ import annotations
@@ -53,10 +54,14 @@ class ImageFiles:
     group_names: list[str]
 
     def digest(self) -> str:
-        """A hash of the file set (paths and byte sizes): the cache's key."""
+        """A hash of the file set (paths, byte sizes, modification times in ns): the cache's key.
+
+        The time catches an image edited in place to the same size, without reading every file.
+        """
         h = hashlib.sha256()
         for path in self.paths:
-            h.update(f"{path}\t{(self.root / path).stat().st_size}\n".encode())
+            st = (self.root / path).stat()
+            h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
 
@@ -124,7 +129,14 @@ def decode_images(files: ImageFiles, size: int, progress: ProgressFn | None = No
 def load_images(files: ImageFiles, size: int, cache_folder: Path, progress: ProgressFn | None = None) -> np.ndarray:
     """The decoded images of `files`, from the cache in `cache_folder` when it is current."""
     cache = ArrayCache(cache_folder, {"image_size": size, "files": files.digest(), "count": len(files.paths)})
-    hit = cache.load()
+
+    def fits(images: np.ndarray) -> str | None:
+        side_ok = not size or images.shape[1:3] == (size, size)
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(files.paths) or not side_ok:
+            return f"{images.dtype} {images.shape}, expected uint8 ({len(files.paths)}, {size or 'H'}, {size or 'W'}, 3)"
+        return None
+
+    hit = cache.load({"images": fits})
     if hit is not None:
         return hit[0]["images"]
     images = decode_images(files, size, progress)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 # data.protocol: which samples are split over clients, and where test samples come from.
 PROTOCOLS = ("pool", "keep-test")
+SPLITS = ("train", "val", "test")
 
 
 class Partitioner(Protocol):
@@ -205,26 +206,73 @@ class Partition:
         return h.hexdigest()[:12]
 
     def to_json(self) -> str:
-        return json.dumps({s: [ix.tolist() for ix in getattr(self, s)] for s in ("train", "val", "test")})
+        return json.dumps({s: [ix.tolist() for ix in getattr(self, s)] for s in SPLITS})
 
     @classmethod
-    def from_json(cls, text: str) -> Partition:
-        data = json.loads(text)
-        return cls(**{s: [np.asarray(ix, dtype=np.int64) for ix in data[s]] for s in ("train", "val", "test")})
+    def from_json(cls, text: str, source: str = "partition") -> Partition:
+        """A partition from `to_json`'s text; a UserError naming what is wrong with its layout."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise UserError(f"{source} is not JSON ({err})") from None
+        if not isinstance(data, dict) or set(SPLITS) - set(data):
+            raise UserError(f"{source} is not a saved pflbench partition (expected an object with"
+                            f" {', '.join(SPLITS)})")
+        splits = {}
+        for split in SPLITS:
+            lists = data[split]
+            if not isinstance(lists, list):
+                raise UserError(f"{source}: {split} must be a list with one list of sample indices per client")
+            arrays = []
+            for client, ix in enumerate(lists):
+                array = np.asarray(ix) if isinstance(ix, list) else None
+                if array is None or array.ndim != 1 or array.size and array.dtype.kind not in "iu":
+                    raise UserError(f"{source}: {split} of client {client} must be a list of integer sample indices")
+                arrays.append(array.astype(np.int64))
+            splits[split] = arrays
+        if len({len(v) for v in splits.values()}) != 1:
+            sizes = ", ".join(f"{s} {len(v)}" for s, v in splits.items())
+            raise UserError(f"{source}: the splits list different numbers of clients ({sizes})")
+        return cls(**splits)
+
+    def check(self, num_samples: int, num_clients: int | None = None, source: str = "partition") -> None:
+        """Every client present and trainable, every index in range, and no sample held twice.
+
+        A sample in two places (a client's train and its test, or two clients)
+        would leak test data into training, so it is refused outright.
+        """
+        if num_clients is not None and self.num_clients != num_clients:
+            raise UserError(f"{source} has {self.num_clients} clients, but data.num_clients={num_clients}"
+                            f" (set data.num_clients={self.num_clients})")
+        for client, ix in enumerate(self.train):
+            if len(ix) == 0:
+                raise UserError(f"{source}: client {client} has no training samples")
+        where = [(split, c) for split in SPLITS for c in range(self.num_clients)]
+        arrays = [getattr(self, split)[c] for split, c in where]
+        everything = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        if len(everything) and (everything.min() < 0 or everything.max() >= num_samples):
+            bad = everything[(everything < 0) | (everything >= num_samples)][0]
+            raise UserError(f"{source}: sample index {bad} is out of range for this dataset's {num_samples} samples")
+        values, first, counts = np.unique(everything, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            index = values[counts > 1][0]
+            owners = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])[everything == index]
+            places = " and ".join(f"client {where[o][1]} {where[o][0]}" for o in owners[:2])
+            raise UserError(f"{source}: sample {index} appears more than once ({places});"
+                            " every sample belongs to one split of one client")
 
     @classmethod
-    def load(cls, path: str | Path, num_samples: int) -> Partition:
-        """A partition saved as a run artifact, checked against the dataset size."""
+    def load(cls, path: str | Path, num_samples: int, num_clients: int | None = None) -> Partition:
+        """A partition saved as a run artifact, checked against the dataset and the config."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"partition file not found: {path}")
         try:
-            part = cls.from_json(path.read_text())
-        except (ValueError, KeyError, TypeError) as err:
-            raise UserError(f"partition file {path} is not a saved pflbench partition ({err})") from None
-        everything = np.concatenate([ix for s in (part.train, part.val, part.test) for ix in s])
-        if len(everything) and (everything.min() < 0 or everything.max() >= num_samples):
-            raise UserError(f"partition file {path} indexes past this dataset's {num_samples} samples")
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read partition file {path} ({err})") from None
+        part = cls.from_json(text, f"partition file {path}")
+        part.check(num_samples, num_clients, f"partition file {path}")
         return part
 
     def class_counts(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -346,6 +394,6 @@ def partition_for(images: ImageSet, cfg: DataConfig, seed: int) -> Partition:
     """The partition a run uses: the saved one in `cfg.partition_file`, else a fresh
     seeded one (seed `cfg.partition_seed`, or the run's `seed` when that is -1)."""
     if cfg.partition_file:
-        return Partition.load(cfg.partition_file, len(images.labels))
+        return Partition.load(cfg.partition_file, len(images.labels), cfg.num_clients)
     seed = cfg.partition_seed if cfg.partition_seed >= 0 else seed
     return make_partition(images.labels, cfg, seed, images.domains, images.official_test)

@@ -178,6 +178,19 @@ class Method:
         server nor the client's next round."""
         return 0
 
+    # -- checkpoints ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The server state a checkpoint keeps: plain dicts and lists of tensors and numbers.
+
+        A method whose server holds more than `global_state` (models, optimizers)
+        overrides this pair; a checkpoint is loaded with `weights_only=True`.
+        """
+        return {"global_state": {n: t.detach().clone() for n, t in self.global_state.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned; called after `server_init` on an identical set-up."""
+        self.global_state = _restore_tensors(self.global_state, state["global_state"], "global_state")
+
     # -- optional -------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
@@ -208,6 +221,21 @@ class Method:
 
     def fit_held_out(self, clients: Sequence[int], train_client: ClientTrainer) -> None:
         """Adapt to the held-out `clients` after the last round; they are evaluated next."""
+
+
+def _restore_tensors(current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor],
+                     what: str) -> dict[str, torch.Tensor]:
+    """`saved` checked against `current` (names, shapes, dtypes) and moved to its devices."""
+    if set(saved) != set(current):
+        raise ValueError(f"{what}: the saved entries differ from this model's")
+    out = {}
+    for name, value in current.items():
+        loaded = saved[name]
+        if loaded.shape != value.shape or loaded.dtype != value.dtype:
+            raise ValueError(f"{what}: {name} is {tuple(loaded.shape)} {loaded.dtype}, expected "
+                             f"{tuple(value.shape)} {value.dtype}")
+        out[name] = loaded.to(value.device)
+    return out
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -396,6 +396,28 @@ class PFedHN(Method):
         clip_and_step([params[n] for n in grads], list(grads.values()), self.options.max_grad_norm,
                       [self.hn_optimizer, self.embed_optimizer])
 
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """FedAvg's state plus the hypernetwork (base included), its optimizers and the novel clients."""
+        assert self.hn is not None, "server_init first"
+        return {
+            **super().state_dict(),
+            "hn": {n: t.detach().clone() for n, t in self.hn.state_dict().items()},
+            "base_optimizer": self.base_optimizer.state_dict(),
+            "hn_optimizer": self.hn_optimizer.state_dict(),
+            "embed_optimizer": self.embed_optimizer.state_dict(),
+            "novel": list(self.novel),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        assert self.hn is not None, "server_init first"
+        super().load_state_dict(state)
+        self.hn.load_state_dict(state["hn"])  # strict: names and shapes must match
+        self.base_optimizer.load_state_dict(state["base_optimizer"])
+        self.hn_optimizer.load_state_dict(state["hn_optimizer"])
+        self.embed_optimizer.load_state_dict(state["embed_optimizer"])
+        self.novel = [int(c) for c in state["novel"]]
+
     # -- reporting and tuning ----------------------------------------------------------
     def run_info(self) -> dict[str, int | float | str]:
         if self.hn is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -24,9 +25,20 @@ def tiny_config(method: str = "fedavg", *overrides: str, dataset: str = "digits"
     return resolve_config(method, dataset, preset="smoke", overrides=[*TINY, *overrides], seed=seed, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory):
+    """An empty MLflow sqlite store, created and migrated once per session (that takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)
+    return db
+
+
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch):
-    """A fresh sqlite MLflow store; the CLI's default store is pointed at it too."""
+def tracking_uri(tmp_path, monkeypatch, migrated_store):
+    """A fresh sqlite MLflow store (a copy of the migrated one); the CLI's default store is pointed at it too."""
+    shutil.copyfile(migrated_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)

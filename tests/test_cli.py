@@ -41,7 +41,7 @@ def test_dry_run_prints_the_resolved_config_and_trains_nothing(capsys, tracking_
     assert code == 0
     cfg = tomllib.loads(out)
     assert cfg["train"]["lr"] == 0.3 and cfg["seed"] == 4 and cfg["method"]["name"] == "local"
-    assert not (tmp_path / "mlflow.db").exists()
+    assert MlflowClient(tracking_uri).get_experiment_by_name("pflbench") is None  # nothing recorded
 
 
 def test_run_quiet_prints_one_line_and_records_in_the_default_store(capsys, tracking_uri, tmp_path):
@@ -92,3 +92,43 @@ def test_perf_overhead_reports_both_rates_and_their_ratio(capsys):
     assert "engine" in out and "tight loop" in out
     ratio = float(out.strip().splitlines()[-1].split("ratio engine / tight loop: ")[1].split()[0])
     assert 0 < ratio < 10
+
+
+def test_version_and_run_help_with_examples(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("pflbench ")
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    examples = out.split("examples:", 1)[1]
+    assert examples.count("bench run --method") == 2
+    for option in ("--resume", "--run-name", "--tag", "--explain"):
+        assert option in out
+
+
+def test_dry_run_explain_describes_every_key_and_its_sentinels(capsys, tracking_uri):
+    from pflbench.benchmark.config import flatten
+    from pflbench.benchmark.resolve import resolve_config
+
+    code, out, _ = _run(capsys, "run", "--method", "fedrep", "--dataset", "digits", "--dry-run", "--explain")
+    assert code == 0
+    lines = {line.split(" = ", 1)[0]: line for line in out.splitlines() if " = " in line}
+    assert set(lines) == set(flatten(resolve_config("fedrep", "digits")))  # every key, each once
+    assert all("  # " in line for line in lines.values())  # each with its description
+    assert "token width" in lines["model.embed_dim"]
+    assert "[here: the dataset's native size]" in lines["model.image_size"]
+    assert "[here: what head_epochs leaves of the budget]" in lines["method.body_epochs"]
+    assert "[here: the run's seed]" in lines["data.partition_seed"]
+
+
+def test_a_runs_own_config_toml_repeats_it_without_method_or_dataset(capsys, tracking_uri, tmp_path):
+    args = ["run", "--method", "local", "--dataset", "digits", "--preset", "smoke", "--seed", "3", "--quiet"]
+    for s in TINY:
+        args += ["--set", s]
+    code, out, _ = _run(capsys, *args)
+    run_id = out.strip().rsplit("run_id=", 1)[1]
+    saved = MlflowClient(tracking_uri).download_artifacts(run_id, "config.toml", str(tmp_path))
+    code, again, _ = _run(capsys, "run", "--config", saved, "--quiet")
+    assert code == 0
+    assert again.split(" run_id=")[0] == out.split(" run_id=")[0]  # same method, dataset, seed and accuracy

@@ -149,7 +149,7 @@ def test_a_saved_partition_file_is_reused_exactly(tmp_path):
     path.write_text(original.to_json())
     reused = partition_for(images, config(partition="iid", partition_file=str(path)), seed=99)
     assert reused.digest() == original.digest()
-    with pytest.raises(UserError, match="indexes past"):
+    with pytest.raises(UserError, match="out of range for this dataset.s 100 samples"):
         Partition.load(path, num_samples=100)
 
 

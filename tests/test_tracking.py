@@ -89,3 +89,40 @@ def test_experiment_created_by_another_worker_meanwhile_is_reused(tracking_uri, 
     monkeypatch.setattr(client, "get_experiment_by_name", racy_get)
     assert tracking._experiment_id(client, "shared", tracking_uri) == existing
     assert len(calls) == 2
+
+
+def test_a_run_records_its_dataset_input_process_and_name_and_tags(tracking_uri, capsys):
+    import os
+    import socket
+    import sys
+    from pathlib import Path
+
+    from pflbench.benchmark.cli import main
+    from conftest import TINY
+
+    args = ["run", "--method", "fedavg", "--dataset", "digits", "--preset", "smoke", "--device", "cpu",
+            "--run-name", "my-baseline", "--tag", "purpose=check", "--tag", "owner=lab"]
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    client, run = _only_run(tracking_uri)
+    assert run.info.run_name == "my-baseline"
+    assert run.data.tags["purpose"] == "check" and run.data.tags["owner"] == "lab"
+    assert run.data.tags["pflbench.host"] == socket.gethostname()
+    assert run.data.tags["pflbench.pid"] == str(os.getpid())
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "digits"
+    assert dataset_input.dataset.digest == run.data.tags["pflbench.partition_hash"]
+    # The printed command names the mlflow beside this interpreter, and the run's own page.
+    beside = Path(sys.executable).parent / "mlflow"
+    program = beside if beside.exists() else f"{sys.executable} -m mlflow"
+    assert f"{program} ui --backend-store-uri {tracking_uri}" in out
+    assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in out
+
+
+def test_run_url_and_ui_command_for_a_server():
+    from pflbench.benchmark.tracking import run_url, ui_command
+
+    assert run_url("http://host:5000/", "3", "abc") == "http://host:5000/#/experiments/3/runs/abc"
+    assert ui_command("https://host") == "open https://host"
