@@ -396,6 +396,83 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perf_together(args: argparse.Namespace) -> int:
+    import torch
+
+    from .perf.together import measure
+
+    torch.set_num_threads(args.threads)
+
+    def show(i: int, result) -> None:
+        if not args.quiet:
+            console.print(f"repeat {i + 1}: sequential {result.sequential[-1]:8.1f} samples/s   together"
+                          f" {result.together[-1]:8.1f} samples/s   ratio {result.ratios[-1]:.3f}", highlight=False)
+
+    from .resolve import RunSpec
+
+    spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device=args.device, data_root=args.data_root)
+    result = measure(spec, method=args.method, dataset=args.dataset, parallel=args.parallel, rounds=args.rounds,
+                     repeats=args.repeats, on_repeat=show)
+    ratios = result.ratios
+    print(f"{args.method}: sequential {statistics.median(result.sequential):.1f} samples/s, {result.parallel} clients"
+          f" together {statistics.median(result.together):.1f} samples/s; ratio together / sequential"
+          f" {statistics.median(ratios):.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)};"
+          f" {result.samples} samples a side per repeat)")
+    return 0
+
+
+def cmd_perf_memory(args: argparse.Namespace) -> int:
+    from ..methods import METHODS
+    from .perf.memory import measure
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        METHODS.get(method)  # an unknown name lists the valid ones
+    try:
+        clients = sorted({int(n) for n in args.clients.split(",")})
+    except ValueError:
+        raise UserError(f"bad --clients {args.clients!r}: expected integers, e.g. 10,1000") from None
+    if not clients or clients[0] < 1:
+        raise UserError(f"bad --clients {args.clients!r}: every count must be >= 1")
+    mib = 2.0**20
+
+    def show(r) -> None:
+        cuda = f"   peak CUDA {r.cuda_peak / mib:7.1f} MiB" if r.cuda_peak else ""
+        print(f"{r.method:>9} {r.clients:>6} clients: peak RSS {r.peak_rss / mib:7.1f} MiB (before the simulation"
+              f" {r.base_rss / mib:6.1f} MiB){cuda}; model {r.model_bytes / 1024:.1f} KiB, personal per client"
+              f" {r.personal_bytes / 1024:.2f} KiB, {r.trained} clients stored")
+
+    results = measure(methods=methods, clients=clients, device=args.device, overrides=args.overrides,
+                      on_result=None if args.quiet else show)
+    for method in methods:
+        mine = [r for r in results if r.method == method]
+        low, high = mine[0], mine[-1]
+        if len(mine) < 2:
+            continue
+        grown = (high.peak_rss - high.base_rss) - (low.peak_rss - low.base_rss)
+        per_client = grown / max(high.trained - low.trained, 1)
+        print(f"{method}: peak RSS {high.clients} / {low.clients} clients = {high.peak_rss / low.peak_rss:.3f};"
+              f" growth {per_client / 1024:.2f} KiB per added client"
+              f" (personal entries: {high.personal_bytes / 1024:.2f}"
+              f" KiB per client)")
+    return 0
+
+
+def cmd_perf_gpu(args: argparse.Namespace) -> int:
+    import torch
+
+    from .perf.gpu import run
+
+    if not args.tiny and args.data_root is None:
+        raise UserError("bench perf gpu needs --data-root (the folder holding the CIFAR-10 (JPEG) tree), or --tiny")
+    torch.set_num_threads(args.threads)
+    report = run(tiny=args.tiny, data_root=args.data_root, folder=args.folder, device=args.device,
+                 repeats=args.repeats, say=lambda line: print(line, flush=True))
+    print(f"paper run ({report.rounds} rounds) extrapolated: {report.paper_run_seconds / 60:.1f} min;"
+          f" benchmark wall time {report.seconds:.0f} s")
+    return 0
+
+
 def _add_perf(sub) -> None:
     p = sub.add_parser("perf", help="benchmarks of the engine itself (not tests)")
     perf = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_Parser)
@@ -411,6 +488,41 @@ def _add_perf(sub) -> None:
                    help="override one setting of the benchmarked run")
     o.add_argument("--quiet", action="store_true", help="print only the ratio line")
     o.set_defaults(func=cmd_perf_overhead)
+
+    t = perf.add_parser("together", help="samples/s of a round's clients trained together vs one after another")
+    t.add_argument("--method", default="fedavg", help="method (default fedavg)")
+    t.add_argument("--dataset", default="digits", help="dataset name (default digits, bundled)")
+    t.add_argument("--preset", help="preset (default: the dataset's own)")
+    t.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
+    t.add_argument("--parallel", type=int, default=0, help="clients trained together; 0 = a whole round (default)")
+    t.add_argument("--rounds", type=int, default=1, help="timed rounds per side and repeat (default 1)")
+    t.add_argument("--repeats", type=int, default=3, help="alternating repeats; ratio per repeat (default 3)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting of the benchmarked run")
+    t.add_argument("--quiet", action="store_true", help="print only the summary line")
+    t.set_defaults(func=cmd_perf_together)
+
+    m = perf.add_parser("memory", help="peak memory with few vs many clients, each measured in its own process")
+    m.add_argument("--methods", default="fedper,local", help="comma-separated methods (default fedper,local)")
+    m.add_argument("--clients", default="10,1000", help="comma-separated client counts (default 10,1000)")
+    m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting of the measured runs")
+    m.add_argument("--quiet", action="store_true", help="print only the summary lines")
+    m.set_defaults(func=cmd_perf_memory)
+
+    g = perf.add_parser("gpu", help="paper-scale throughput on one GPU: tight loop vs engine, clients together,"
+                                    " a paper-cifar100 round and the whole run extrapolated")
+    g.add_argument("--data-root", metavar="DIR", help="folder holding the CIFAR-10 (JPEG) tree")
+    g.add_argument("--folder", default="cifar10-jpeg", help="the image folder below --data-root (default cifar10-jpeg)")
+    g.add_argument("--device", default="auto", help="auto (default), cuda or cpu")
+    g.add_argument("--repeats", type=int, default=2, help="alternating repeats of each comparison (default 2)")
+    g.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    g.add_argument("--tiny", action="store_true", help="a digits-sized model on the bundled digits, on the CPU:"
+                                                         " checks the whole script in seconds")
+    g.set_defaults(func=cmd_perf_gpu)
 
 
 # ---------------------------------------------------------------------------

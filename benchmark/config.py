@@ -31,6 +31,7 @@ import re
 import textwrap
 import tokenize
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -117,6 +118,8 @@ class TrainConfig:
     # after-aggregation: every client, from the round's aggregated state (what pflbench reports);
     # after-local: the round's sampled clients right after their local training (the reference's timing)
     eval_timing: str = "after-aggregation"  # when a round's accuracy is measured (see above)
+    parallel_clients: int | str = "auto"  # clients trained in one batched step; auto: <= 16 on a GPU, 1 on a CPU
+    personal_device_mb: float = 2048.0  # personal state kept on the device up to this size; beyond, in host memory
 
 
 @dataclass
@@ -142,7 +145,10 @@ class RunConfig:
 
 
 # Keys that do not change the result: left out of the config hash.
-_UNHASHED = {"seed", "device", "dataset.root", "run.checkpoint_every", "run.keep_checkpoint"}
+# Keys that do not change the result (how clients are scheduled and where state lives change it
+# only within float error).
+_UNHASHED = {"seed", "device", "dataset.root", "run.checkpoint_every", "run.keep_checkpoint",
+             "train.parallel_clients", "train.personal_device_mb"}
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most a signed 64-bit seed
 MAX_IMAGE_SIZE = 4096  # pixels a side: larger is a typo, not an experiment
@@ -212,6 +218,14 @@ def coerce(key: str, value: Any, target: Any) -> Any:
         return UserError(f"bad value for {key}: {value!r} (expected {expected})")
 
     origin = typing.get_origin(target)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(target)
+        for option in options:
+            try:
+                return coerce(key, value, option)
+            except UserError:
+                continue
+        raise bad(" or ".join(getattr(t, "__name__", str(t)) for t in options))
     if origin is list:
         (item_type,) = typing.get_args(target)
         if isinstance(value, str):
@@ -362,6 +376,9 @@ def check_ranges(cfg: RunConfig) -> None:
     require(0 <= t.client_failure_rate <= 1, "train.client_failure_rate", t.client_failure_rate, "must be in [0, 1]")
     require(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", cfg.run.checkpoint_every,
             "must be >= 0 (0 = never)")
+    require(t.parallel_clients == "auto" or (isinstance(t.parallel_clients, int) and t.parallel_clients >= 1),
+            "train.parallel_clients", t.parallel_clients, "an integer >= 1, or auto")
+    require(t.personal_device_mb >= 0, "train.personal_device_mb", t.personal_device_mb, "must be >= 0")
     for options in (cfg.method, cfg.dataset):  # each may check its own fields
         check = getattr(options, "validate", None)
         if check is not None:

@@ -28,18 +28,18 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..datasets import DATASETS, FederatedData, ImageSet, Partition, partition_for
 from ..methods import METHODS, ClientUpdate, Method, TrainStats
 from ..methods.aggregation import state_bytes
-from .config import RunConfig, TrainConfig
+from ..methods.structure import head_entries
+from .client import FINETUNE_STREAM, ClientRunner, PersonalStore, _ClientContext, resolve_parallel
+from .config import RunConfig
 from .errors import TrainingDiverged, UserError
 from .models import build_model
 
@@ -49,7 +49,6 @@ METRIC_NAMES = (  # logged by every run, at the last round at least
 )
 HELD_OUT_PREFIX = "novel_"  # held-out clients' metrics: novel_test_acc_mean, ...
 GLOBAL_PREFIX = "global_"  # the server's one model on every client's test split: global_test_acc_mean, ...
-FINETUNE_STREAM = 1  # batch-seed stream of the fine-tuning before evaluation (0 = local training)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,6 +88,11 @@ class EvalResult:
     def empty(cls, num_clients: int) -> EvalResult:
         """No client evaluated yet (count 0 everywhere)."""
         return cls(*(np.zeros(num_clients, dtype=np.int64) for _ in range(4)))
+
+    def test_only(self) -> EvalResult:
+        """This result's test split alone (no validation counts)."""
+        zeros = np.zeros_like(self.val_count)
+        return EvalResult(self.test_correct.copy(), self.test_count.copy(), zeros, zeros.copy())
 
     @staticmethod
     def _mean(correct: np.ndarray, count: np.ndarray) -> float:
@@ -141,39 +145,6 @@ def derive_seeds(seed: int) -> dict[str, int]:
             "failures": int(failures)}
 
 
-class _ClientContext:
-    """The `LocalContext` given to `Method.local_update`: the one batch loop lives here."""
-
-    def __init__(self, sim: Simulation, client: int, round_index: int, stream: int = 0):
-        self.client = client
-        self.round_index = round_index
-        self.train: TrainConfig = sim.cfg.train
-        self.data = sim.data
-        self.device = sim.device
-        self.generator = sim.batch_generator(round_index, client, stream)
-        self._autocast = sim.autocast
-
-    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward=None) -> TrainStats:
-        params = list(params)
-        cfg = self.train
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        loss_sum = torch.zeros((), device=self.device)
-        samples = 0
-        for x, y in self.data.train_batches(self.client, epochs, cfg.batch_size, self.generator):
-            with self._autocast():
-                logits = forward(model, x) if forward is not None else model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            samples += len(y)  # every sample here goes through a backward pass
-        model.zero_grad(set_to_none=True)  # grads of params outside `params` must not linger
-        return TrainStats(loss_sum, samples)
-
-
 class Simulation:
     """One federated experiment: data, model, method and the round loop."""
 
@@ -202,8 +173,10 @@ class Simulation:
         personal = self.method.personal_entries(self.model)
         self.personal_names = [n for n in self._entries if n in personal]
         self.shared_names = [n for n in self._entries if n not in personal]
-        self._initial_personal = {n: self._entries[n].detach().clone() for n in self.personal_names}
-        self._personal: dict[int, dict[str, torch.Tensor]] = {}
+        self._personal = PersonalStore(
+            {n: self._entries[n] for n in self.personal_names}, self.device, cfg.train.personal_device_mb * 2**20
+        )
+        self.clients = ClientRunner(self)
         k = self.data.num_clients
         held_out = self.method.held_out_clients(k, np.random.default_rng(self.seeds["held_out"]))
         self.held_out: list[int] = sorted(set(int(c) for c in held_out))
@@ -245,29 +218,14 @@ class Simulation:
     def num_personal_parameters(self) -> int:
         return sum(self._entries[n].numel() for n in self.personal_names)
 
-    # -- state swapping ------------------------------------------------------------
-    @torch.no_grad()
+    # -- state swapping (benchmark/client.py) -------------------------------------------
     def load_client(self, client: int) -> Mapping[str, torch.Tensor]:
         """Copy the server's broadcast and the client's personal state into the model."""
-        sent = self.method.broadcast(client)
-        for name, value in sent.items():
-            self._entries[name].copy_(value)
-        for name, value in self._personal.get(client, self._initial_personal).items():
-            self._entries[name].copy_(value)
-        return sent
+        return self.clients.load_client(client)
 
     def personal_state(self, client: int) -> dict[str, torch.Tensor]:
         """The personal entries the client keeps (the initial ones until it first trains)."""
-        return self._personal.get(client, self._initial_personal)
-
-    @torch.no_grad()
-    def _keep_personal(self, client: int) -> None:
-        stored = self._personal.get(client)
-        if stored is None:
-            self._personal[client] = {n: self._entries[n].detach().clone() for n in self.personal_names}
-        else:
-            for name in self.personal_names:
-                stored[name].copy_(self._entries[name])
+        return self._personal.get(client)
 
     # -- the round loop ----------------------------------------------------------
     def sample_clients(self) -> list[int]:
@@ -277,17 +235,23 @@ class Simulation:
         return sorted(int(pool[i]) for i in self._sampler.choice(len(pool), size=m, replace=False))
 
     def train_client(self, client: int, round_index: int) -> tuple[ClientUpdate, TrainStats]:
-        """One client's local step: load its state, `local_update`, read the shared part back."""
-        sent = self.load_client(client)
-        self.model.train()
-        stats = self.method.local_update(self.forward_model, _ClientContext(self, client, round_index))
-        client_loss = float(stats.loss_sum)  # one sync per client
-        if not math.isfinite(client_loss):
-            raise TrainingDiverged(round_index, client, client_loss)
-        with torch.no_grad():
-            params = {n: self._entries[n].detach().clone() for n in sent}
-        self._keep_personal(client)
-        return ClientUpdate(client, self.data.num_samples(client), sent, params), stats
+        """One client's local step: load its state, run its phases, read the shared part back."""
+        return self.clients.train_client(client, round_index)
+
+    @property
+    def parallel_clients(self) -> int:
+        """Clients trained together per group this round (`train.parallel_clients`, resolved)."""
+        sampled = max(1, int(round(self.cfg.train.sample_fraction * len(self.training_clients))))
+        return resolve_parallel(self.cfg.train.parallel_clients, self.device, sampled)
+
+    def _train_round(self, selected: Sequence[int], r: int) -> Iterator[tuple[ClientUpdate, TrainStats]]:
+        k = self.parallel_clients
+        for start in range(0, len(selected), k):
+            group = selected[start : start + k]
+            if len(group) == 1:
+                yield self.clients.train_client(group[0], r)
+            else:
+                yield from self.clients.train_together(group, r)
 
     def failing_clients(self, round_index: int, selected: Sequence[int]) -> set[int]:
         """The sampled clients that fail mid-round (`train.client_failure_rate`), from a per-round seed.
@@ -301,38 +265,39 @@ class Simulation:
         return {c for c, u in zip(selected, draws) if u < rate}
 
     def run_round(self, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
-        """Train the sampled clients, aggregate, and evaluate when due; returns the round's metrics."""
+        """Train the sampled clients, aggregate as they finish, and evaluate when due; returns the metrics."""
         start = time.perf_counter()
         self.round_index += 1
         r = self.round_index
         selected = self.sample_clients()
         failed = self.failing_clients(r, selected)
-        updates: list[ClientUpdate] = []
         loss_sum = torch.zeros((), device=self.device)
         loss_samples, forward_samples, bytes_up, bytes_down = 0, 0, 0, 0
         due = r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds
         # The reference's timing: each sampled client as its local training left it.
         after_local = EvalResult.empty(self.data.num_clients) if due and self._after_local else None
-        for done, client in enumerate(selected, 1):
-            if client in failed:
-                # It received the broadcast, then failed: nothing comes back and its state is unchanged.
-                bytes_down += state_bytes(self.method.broadcast(client))
-                for cb in callbacks:
-                    cb.on_progress(r, done, len(selected))
-                continue
-            update, stats = self.train_client(client, r)
+        for client in failed:
+            # It received the broadcast, then failed: nothing comes back and its state is unchanged.
+            bytes_down += state_bytes(self.method.broadcast(client))
+        trained = [c for c in selected if c not in failed]
+        received = 0
+        self.method.start_aggregation()
+        for done, (update, stats) in enumerate(self._train_round(trained, r), len(failed) + 1):
+            received += 1
             bytes_down += state_bytes(update.sent)
             bytes_up += state_bytes(update.params)
-            loss_sum += stats.loss_sum  # already checked finite by train_client
+            loss_sum += stats.loss_sum  # already checked finite
             loss_samples += stats.samples
             forward_samples += stats.forward_samples
             if after_local is not None:
-                self._evaluate_loaded(client, after_local)
-            updates.append(update)
+                self.clients.load_trained(update)
+                self._evaluate_loaded(update.client, after_local)
+            self.method.add_update(update)  # a running sum: the update is dropped here
+            del update
             for cb in callbacks:
                 cb.on_progress(r, done, len(selected))
-        if updates:  # a round in which every client failed keeps the previous server state
-            self.method.aggregate(updates)
+        if received:  # a round in which every client failed keeps the previous server state
+            self.method.finish_aggregation()
         metrics: dict[str, float] = {
             "train_loss": float(loss_sum) / loss_samples if loss_samples else math.nan,
             "bytes_up": float(bytes_up),
@@ -347,7 +312,10 @@ class Simulation:
             loss_samples += self.last_eval.train_samples
             forward_samples += self.last_eval.forward_samples
             if self.has_global_view:
-                metrics.update(self.evaluate_global(self.training_clients).metrics(GLOBAL_PREFIX))
+                # Where every client was just evaluated on the server's model itself, that was the global view.
+                reuse = not self._after_local and self._evaluates_the_global_model()
+                view = self.last_eval.test_only() if reuse else self.evaluate_global(self.training_clients)
+                metrics.update(view.metrics(GLOBAL_PREFIX))
         metrics["train_samples"] = float(loss_samples)
         metrics["forward_samples"] = float(forward_samples)
         if self.device.type == "cuda":
@@ -360,13 +328,60 @@ class Simulation:
 
         A method with `finetune_epochs` first trains each client's loaded model
         on its own training split; the next `load_client` overwrites those weights.
+        Where every client holds the same body and only the head may be personal
+        (FedAvg, FedPer, FedRep, ...), the body runs once over all the clients'
+        images and each client's head is applied to its own features.
         """
+        clients = list(range(self.data.num_clients) if clients is None else clients)
         result = EvalResult.empty(self.data.num_clients)
-        for client in range(self.data.num_clients) if clients is None else clients:
+        if clients and self._shared_body_evaluation():
+            self._evaluate_shared_body(clients, result)
+            return result
+        for client in clients:
             self.load_client(client)
             result.train_samples += self._finetune(client)
             self._evaluate_loaded(client, result)
         return result
+
+    def _shared_body_evaluation(self) -> bool:
+        """True when clients differ at most in the head and the method evaluates in the default way."""
+        method = type(self.method)
+        if (method.evaluate is not Method.evaluate or method.broadcast is not Method.broadcast
+                or self.method.finetune_epochs()):
+            return False
+        try:
+            head = head_entries(self.model)
+        except ValueError:
+            return False
+        return set(self.personal_names) <= head
+
+    def _evaluate_shared_body(self, clients: Sequence[int], result: EvalResult) -> None:
+        """One body pass over every client's images, then each client's own head on its features."""
+        model, bs = self.model, self.cfg.train.eval_batch_size
+        head = model.get_classifier()
+        prefix = next(name for name, m in model.named_modules() if m is head) + "."
+        self.load_client(clients[0])  # the shared body; heads are applied per client below
+        model.eval()
+        for split in ("test", "val"):
+            sizes = [self.data.num_samples(c, split) for c in clients]
+            if not sum(sizes):
+                continue
+            index = torch.cat([self.data.indices(c, split) for c in clients])
+            with torch.inference_mode(), self.autocast():
+                features = torch.cat([
+                    model.forward_head(model.forward_features(self.data.prepare(index[i : i + bs])[0]), pre_logits=True)
+                    for i in range(0, len(index), bs)
+                ])
+                labels = self.data.labels[index]
+                correct = []
+                for c, f, y in zip(clients, features.split(sizes), labels.split(sizes)):
+                    own = {n[len(prefix):]: t.to(f.device) for n, t in self.personal_state(c).items()}
+                    logits = torch.func.functional_call(head, own, (f,)) if own else head(f)
+                    correct.append((logits.argmax(dim=1) == y).sum())
+            for c, n, hits in zip(clients, sizes, torch.stack(correct).tolist()):  # one sync per split
+                getattr(result, f"{split}_correct")[c] = hits
+                getattr(result, f"{split}_count")[c] = n
+            result.forward_samples += sum(sizes)
 
     @property
     def _after_local(self) -> bool:
@@ -376,6 +391,12 @@ class Simulation:
     def has_global_view(self) -> bool:
         """The server holds one complete model: nothing is personal and the method exposes it."""
         return not self.personal_names and self.method.global_view() is not None
+
+    def _evaluates_the_global_model(self) -> bool:
+        """True when each client's personalized evaluation runs exactly the server's global view."""
+        method = type(self.method)
+        return (method.broadcast is Method.broadcast and method.global_view is Method.global_view
+                and method.evaluate is Method.evaluate and not self.method.finetune_epochs())
 
     def _finetune(self, client: int) -> int:
         """Train the loaded model on `client`'s own data through the one batch loop; samples trained."""
@@ -391,7 +412,7 @@ class Simulation:
             raise TrainingDiverged(self.round_index, client, loss)
         return stats.samples
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _evaluate_loaded(self, client: int, result: EvalResult, splits: Sequence[str] = ("test", "val")) -> None:
         """Accuracy of the model as loaded now on `client`'s splits, written into `result`."""
         self.model.eval()
@@ -440,8 +461,9 @@ class Simulation:
             "history": [dict(h) for h in self.history],
             "sampler": json.dumps(self._sampler.bit_generator.state),  # 128-bit ints, kept exact as text
             "torch_rng": torch.get_rng_state(),
-            "initial_personal": {n: t.detach().clone() for n, t in self._initial_personal.items()},
-            "personal": {int(c): {n: t.detach().clone() for n, t in st.items()} for c, st in self._personal.items()},
+            "initial_personal": {n: t.detach().clone() for n, t in self._personal.initial.items()},
+            "personal": {int(c): {n: t.detach().cpu().clone() for n, t in self._personal.get(c).items()}
+                         for c in self._personal},
             "method": self.method.state_dict(),
             "last_eval": None if last is None else {
                 f.name: torch.from_numpy(v.copy()) if isinstance(v := getattr(last, f.name), np.ndarray) else v
@@ -456,8 +478,9 @@ class Simulation:
         torch.set_rng_state(state["torch_rng"])
         with torch.no_grad():
             for name, value in state["initial_personal"].items():
-                self._initial_personal[name].copy_(value)
-        self._personal = {int(c): {n: t.to(self.device) for n, t in st.items()} for c, st in state["personal"].items()}
+                self._personal.initial[name].copy_(value)
+        for client, personal in state["personal"].items():
+            self._personal.put(int(client), personal)
         self.method.load_state_dict(state["method"])
         last = state["last_eval"]
         self.last_eval = None if last is None else EvalResult(

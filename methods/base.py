@@ -4,8 +4,9 @@ A method answers three questions, and a subclass answers only those where it
 differs from FedAvg (the base behaviour here):
 
 1. Which parameters are personal?  `personal_entries` (or, name by name, `is_personal`)
-2. How does a client train?        `local_update`
-3. What does the server compute?   `server_init`, `broadcast`, `aggregate`
+2. How does a client train?        `local_phases`: a list of `Phase`s the engine runs
+3. What does the server compute?   `server_init`, `broadcast`, and the streaming aggregation
+                                   `start_aggregation` / `add_update` / `finish_aggregation`
 
 Optional: `adapt_model` (add modules before training), `evaluate`,
 `finetune_epochs` (train on the client's own data before evaluating),
@@ -28,7 +29,7 @@ from torch import nn
 
 from ..benchmark.config import MethodConfig, TrainConfig
 from ..benchmark.registry import Registry
-from .aggregation import weighted_mean
+from .aggregation import RunningWeightedMean
 
 if TYPE_CHECKING:
     from ..datasets.base import FederatedData
@@ -69,33 +70,41 @@ class ClientUpdate:
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a client's local update, run by the engine: SGD on `params` for `epochs` passes.
+
+    Every other parameter is frozen during the phase (no gradient is computed
+    for it). `forward(model, x)` returns logits (default: `model(x)`); FedRep's
+    head phase passes one that runs the body under no_grad. Because a phase is
+    data, the engine can run it for one client or for several clients at once.
+    """
+
+    params: tuple[str, ...]  # names of the parameters trained in this phase
+    epochs: float  # passes over the client's training data (a fraction ends part-way through one)
+    forward: Forward | None = None  # logits of a batch; None = model(x)
+
+
 class LocalContext(Protocol):
-    """What the engine hands a method for one client's local update."""
+    """What the engine tells a method about one client's local update."""
 
     client: int  # the client being trained
     round_index: int  # the current round, from 1
     train: TrainConfig  # local schedule and optimizer settings
-    data: FederatedData  # the client's data (use `batches`, not raw indices)
+    data: FederatedData  # the client's data
     device: torch.device
 
-    def train_epochs(
-        self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward: Forward | None = None
-    ) -> TrainStats:
-        """SGD on `params` only, for `epochs` passes over the client's training data.
 
-        A fractional `epochs` ends with the first part of one more shuffled pass.
-
-        `forward(model, x)` returns logits (default: `model(x)`); FedRep's head
-        phase passes one that computes body features under no_grad.
-        """
-        ...
+def trainable_names(model: nn.Module) -> tuple[str, ...]:
+    """Names of `model`'s parameters that take gradients."""
+    return tuple(n for n, p in model.named_parameters() if p.requires_grad)
 
 
 class ClientTrainer(Protocol):
     """The engine's one-client step, given to `Method.fit_held_out`."""
 
     def __call__(self, client: int, step: int) -> ClientUpdate:
-        """Load `client`'s broadcast and personal state, run `local_update` on its training
+        """Load `client`'s broadcast and personal state, run its `local_phases` on its training
         data (batches seeded by `step`, counted from 1), keep its personal state, and
         return the update. Nothing reaches the server unless the method uses the update."""
         ...
@@ -118,6 +127,7 @@ class Method:
     def __init__(self, options: MethodConfig | None = None):
         self.options = options if options is not None else self.Options(name=self.name)
         self.global_state: dict[str, torch.Tensor] = {}
+        self._running: RunningWeightedMean | None = None
 
     @classmethod
     def description(cls) -> str:
@@ -143,10 +153,9 @@ class Method:
         return {n for n in model.state_dict(keep_vars=True) if self.is_personal(n, model)}
 
     # -- 2. how a client trains ----------------------------------------------
-    def local_update(self, model: nn.Module, ctx: LocalContext) -> TrainStats:
-        """Joint SGD over every trainable parameter for `train.local_epochs`."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        return ctx.train_epochs(model, params, ctx.train.local_epochs)
+    def local_phases(self, model: nn.Module, ctx: LocalContext) -> list[Phase]:
+        """One phase: joint SGD over every trainable parameter for `train.local_epochs`."""
+        return [Phase(trainable_names(model), ctx.train.local_epochs)]
 
     # -- 3. what the server computes ----------------------------------------
     def server_init(self, model: nn.Module, shared: Mapping[str, torch.Tensor], num_clients: int) -> None:
@@ -157,10 +166,30 @@ class Method:
         """The shared state sent to `client` (read-only for the caller)."""
         return self.global_state
 
+    def start_aggregation(self) -> None:
+        """A round's aggregation begins; `add_update` follows once per client, as each finishes."""
+        self._running = RunningWeightedMean()
+
+    def add_update(self, update: ClientUpdate) -> None:
+        """Fold one client's update in: a running sample-weighted sum of its shared state.
+
+        The engine drops the update afterwards, so a round holds one upload at a time.
+        """
+        if self.global_state:
+            self._running.add({n: update.params[n] for n in self.global_state}, update.num_samples)
+
+    def finish_aggregation(self) -> None:
+        """The round's clients are all in: the new server state is their sample-weighted mean."""
+        running, self._running = self._running, None
+        if running is not None and running.count:
+            self.global_state = running.result()
+
     def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
-        """Sample-weighted mean of the clients' shared states."""
-        if updates and self.global_state:
-            self.global_state = weighted_mean([u.params for u in updates], [u.num_samples for u in updates])
+        """The whole round at once: the streaming hooks over `updates` in order."""
+        self.start_aggregation()
+        for update in updates:
+            self.add_update(update)
+        self.finish_aggregation()
 
     def global_view(self) -> Mapping[str, torch.Tensor] | None:
         """The server's complete shared state, when one model serves every client.

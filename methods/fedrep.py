@@ -10,7 +10,7 @@ from torch import nn
 
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
-from .base import LocalContext, Method, SearchTrial, TrainStats, register
+from .base import LocalContext, Method, Phase, SearchTrial, register, trainable_names
 from .structure import head_entries
 
 
@@ -65,23 +65,16 @@ class FedRep(Method):
     def personal_entries(self, model: nn.Module) -> set[str]:
         return head_entries(model)
 
-    def local_update(self, model: nn.Module, ctx: LocalContext) -> TrainStats:
-        head_ids = {id(p) for p in model.get_classifier().parameters()}
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        head = [p for p in trainable if id(p) in head_ids]
-        body = [p for p in trainable if id(p) not in head_ids]
+    def local_phases(self, model: nn.Module, ctx: LocalContext) -> list[Phase]:
+        """The head on a frozen body (body features under no_grad), then the body with the head frozen."""
+        head = set(head_entries(model))
+        trainable = trainable_names(model)
         head_epochs, body_epochs = self.options.schedule(ctx.train.local_epochs)
-
-        stats = ctx.train_epochs(model, head, head_epochs, forward=_head_forward)
-        # The head is frozen by requires_grad, so backward never computes its gradients.
-        for p in head:
-            p.requires_grad_(False)
-        try:
-            stats = stats + ctx.train_epochs(model, body, body_epochs)
-        finally:
-            for p in head:
-                p.requires_grad_(True)
-        return stats
+        phases = [
+            Phase(tuple(n for n in trainable if n in head), head_epochs, _head_forward),
+            Phase(tuple(n for n in trainable if n not in head), body_epochs),
+        ]
+        return [p for p in phases if p.epochs > 0]
 
     @classmethod
     def search_space(cls, trial: SearchTrial) -> dict[str, Any]:

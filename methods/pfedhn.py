@@ -50,7 +50,6 @@ from torch import nn
 
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
-from .aggregation import weighted_mean
 from .base import ClientTrainer, ClientUpdate, Method, SearchTrial, register
 from .structure import head_entries
 
@@ -226,37 +225,55 @@ def top_step_eigenvalue(
     return value
 
 
+class RoundGradient:
+    """The server's gradient for one round, summed client by client as updates arrive.
+
+    Shared parameters (the base and the hypernetwork): the weighted mean over
+    the round's clients of `J_i^T delta_i` (for the base, `delta_i` itself),
+    i.e. one step on the round's clients as a minibatch (each weighted by its
+    samples, as FedAvg weights the rest of the model). Client embeddings: each
+    client's row gets its own, undivided `J_i^T delta_i`, the step the paper
+    takes for the client it visits. Every vector-Jacobian product is taken at
+    the parameters that generated the tensors the clients were sent (nothing
+    steps until `result`).
+    """
+
+    def __init__(self, hn: ChunkedHypernetwork):
+        self.hn = hn
+        self.table = hn.embeddings.weight
+        self.shared = [p for p in hn.parameters() if p is not self.table]
+        self.grads = [torch.zeros_like(p) for p in self.shared]
+        self.table_grad = torch.zeros_like(self.table)
+        self.total = 0.0  # summed weights
+
+    def add(self, client: int, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+        """One client's `J^T delta`, with its weight."""
+        with torch.enable_grad():
+            row = self.table[client]
+            *shared_grads, row_grad = vector_jacobian(self.hn.generate(row), delta, [*self.shared, row])
+        for acc, g in zip(self.grads, shared_grads):
+            acc.add_(g, alpha=float(weight))
+        self.table_grad[client] += row_grad
+        self.total += float(weight)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The gradient by parameter name of the hypernetwork."""
+        by_param = {id(p): g / self.total for p, g in zip(self.shared, self.grads)}
+        by_param[id(self.table)] = self.table_grad
+        return {name: by_param[id(p)] for name, p in self.hn.named_parameters()}
+
+
 def round_gradients(
     hn: ChunkedHypernetwork,
     clients: Sequence[int],
     deltas: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
 ) -> dict[str, torch.Tensor]:
-    """The server's gradient for one round, by parameter name of `hn`.
-
-    Shared parameters (the base and the hypernetwork): the `weights`-weighted
-    mean over the round's clients of `J_i^T delta_i` (for the base, `delta_i`
-    itself), i.e. one step on the round's clients as a
-    minibatch (each weighted by its samples, as FedAvg weights the rest of the
-    model). Client embeddings: each client's row gets its own, undivided
-    `J_i^T delta_i`, the step the paper takes for the client it visits. Every
-    vector-Jacobian product is taken at the parameters that generated the
-    tensors the clients were sent (nothing steps in between).
-    """
-    total = float(sum(weights))
-    table = hn.embeddings.weight
-    shared = [p for p in hn.parameters() if p is not table]
-    grads = [torch.zeros_like(p) for p in shared]
-    table_grad = torch.zeros_like(table)
+    """`RoundGradient` over a whole round at once, by parameter name of `hn`."""
+    acc = RoundGradient(hn)
     for client, delta, weight in zip(clients, deltas, weights):
-        with torch.enable_grad():
-            row = table[client]
-            *shared_grads, row_grad = vector_jacobian(hn.generate(row), delta, [*shared, row])
-        for acc, g in zip(grads, shared_grads):
-            acc.add_(g, alpha=weight / total)
-        table_grad[client] += row_grad
-    by_param = {id(p): g for p, g in zip(shared, grads)} | {id(table): table_grad}
-    return {name: by_param[id(p)] for name, p in hn.named_parameters()}
+        acc.add(client, delta, weight)
+    return acc.result()
 
 
 def clip_and_step(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor], max_norm: float,
@@ -284,6 +301,7 @@ class PFedHN(Method):
         self.hn: ChunkedHypernetwork | None = None
         self.targets: list[str] = []
         self.novel: list[int] = []
+        self._round: RoundGradient | None = None
 
     # -- which parameters are personal ----------------------------------------------
     def personal_entries(self, model: nn.Module) -> set[str]:
@@ -380,16 +398,25 @@ class PFedHN(Method):
     def _delta(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         return {n: (update.sent[n] - update.params[n]).float() for n in self.targets}
 
-    def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
-        """FedAvg for the untargeted entries; one hypernetwork step for the targets."""
-        if not updates:
-            return
-        weights = [u.num_samples for u in updates]
-        if self.global_state:
-            untargeted = [{n: u.params[n] for n in self.global_state} for u in updates]
-            self.global_state = weighted_mean(untargeted, weights)
+    def start_aggregation(self) -> None:
+        """FedAvg's running mean for the untargeted entries; the hypernetwork's gradient summed as clients arrive."""
+        super().start_aggregation()
         assert self.hn is not None
-        grads = round_gradients(self.hn, [u.client for u in updates], [self._delta(u) for u in updates], weights)
+        self._round = RoundGradient(self.hn)
+
+    def add_update(self, update: ClientUpdate) -> None:
+        super().add_update(update)
+        assert self._round is not None, "start_aggregation first"
+        self._round.add(update.client, self._delta(update), update.num_samples)
+
+    def finish_aggregation(self) -> None:
+        """One step of the base, the hypernetwork and the embeddings on the round's gradient."""
+        super().finish_aggregation()
+        acc, self._round = self._round, None
+        if acc is None or acc.total <= 0:
+            return
+        assert self.hn is not None
+        grads = acc.result()
         params = dict(self.hn.named_parameters())
         # The base's step is the clients' mean delta, unclipped (FedAvg's step at base_lr = 1).
         clip_and_step([params["base"]], [grads.pop("base")], 0, [self.base_optimizer])

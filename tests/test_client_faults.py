@@ -12,14 +12,21 @@ from conftest import tiny_config
 
 
 def _spy_aggregate(sim, monkeypatch):
-    seen = []
-    original = sim.method.aggregate
+    """The clients of each finished aggregation, from the method's streaming hooks."""
+    seen, arriving = [], []
+    add, finish = sim.method.add_update, sim.method.finish_aggregation
 
-    def spy(updates):
-        seen.append(sorted(u.client for u in updates))
-        original(updates)
+    def spy_add(update):
+        arriving.append(update.client)
+        add(update)
 
-    monkeypatch.setattr(sim.method, "aggregate", spy)
+    def spy_finish():
+        seen.append(sorted(arriving))
+        arriving.clear()
+        finish()
+
+    monkeypatch.setattr(sim.method, "add_update", spy_add)
+    monkeypatch.setattr(sim.method, "finish_aggregation", spy_finish)
     return seen
 
 
@@ -56,7 +63,7 @@ def test_a_round_where_every_client_fails_keeps_the_server_state(monkeypatch):
     assert seen == []  # nothing to aggregate, so aggregate is never asked
     for name, value in sim.method.global_state.items():
         assert torch.equal(value, before[name])
-    assert sim._personal == {}  # no client trained, so no personal state moved
+    assert len(sim._personal) == 0  # no client trained, so no personal state moved
     for metrics in result.history:
         assert metrics["failed_clients"] == metrics["clients"] == 4
         assert math.isnan(metrics["train_loss"]) and metrics["bytes_up"] == 0 and metrics["bytes_down"] > 0

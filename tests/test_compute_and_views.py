@@ -15,15 +15,20 @@ from conftest import tiny_config
 
 
 def _recorded(sim: Simulation) -> list[list]:
-    """Keep each round's client updates as the method aggregates them."""
+    """Keep each round's client updates as the method aggregates them (one by one, as they arrive)."""
     rounds: list[list] = []
-    inner = sim.method.aggregate
+    start, add = sim.method.start_aggregation, sim.method.add_update
 
-    def aggregate(updates):
-        rounds.append(list(updates))
-        inner(updates)
+    def start_aggregation():
+        rounds.append([])
+        start()
 
-    sim.method.aggregate = aggregate
+    def add_update(update):
+        rounds[-1].append(update)
+        add(update)
+
+    sim.method.start_aggregation = start_aggregation
+    sim.method.add_update = add_update
     return rounds
 
 

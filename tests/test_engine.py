@@ -63,16 +63,15 @@ class _Spy(Callback):
 
 def test_server_state_is_the_weighted_mean_of_client_updates(monkeypatch):
     sim = Simulation(tiny_config("fedavg", "train.rounds=1", "data.partition=dirichlet"))
-    captured = {}
-    original = sim.method.aggregate
+    updates = []
+    original = sim.method.add_update
 
-    def capture(updates):
-        captured["updates"] = updates
-        original(updates)
+    def capture(update):
+        updates.append(update)
+        original(update)
 
-    monkeypatch.setattr(sim.method, "aggregate", capture)
+    monkeypatch.setattr(sim.method, "add_update", capture)
     sim.run_round()
-    updates = captured["updates"]
     sizes = [sim.data.num_samples(u.client) for u in updates]
     assert len(set(sizes)) > 1  # unequal clients, so weighting matters
     for name in sim.shared_names:

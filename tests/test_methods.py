@@ -10,7 +10,7 @@ from conftest import tiny_config
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pflbench.benchmark import engine
+from pflbench.benchmark.client import _ClientContext
 from pflbench.benchmark.engine import Callback, Simulation
 from pflbench.benchmark.errors import UserError
 from pflbench.benchmark.models import load_weights
@@ -106,7 +106,7 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
     head = {id(p) for p in model.get_classifier().parameters()}
     names = {id(p): n for n, p in model.named_parameters()}
     calls = []
-    original = engine._ClientContext.train_epochs
+    original = _ClientContext.train_epochs
 
     def spy(ctx, model, params, epochs, forward=None):
         params = list(params)
@@ -125,7 +125,7 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
         calls.append(({id(p) for p in params}, epochs, changed, grads_seen, stats.samples))
         return stats
 
-    monkeypatch.setattr(engine._ClientContext, "train_epochs", spy)
+    monkeypatch.setattr(_ClientContext, "train_epochs", spy)
     sim.run_round()
     assert len(calls) == 2 * sim.data.num_clients
     head_names = {names[i] for i in head}
@@ -147,13 +147,13 @@ def _fedrep_schedule(monkeypatch, *overrides: str) -> tuple[list[float], dict[st
     """The epochs of each train_epochs call of one FedRep round, and the round's metrics."""
     sim = Simulation(tiny_config("fedrep", "train.rounds=1", "train.sample_fraction=0.25", *overrides))
     epochs = []
-    original = engine._ClientContext.train_epochs
+    original = _ClientContext.train_epochs
 
     def spy(ctx, model, params, n, forward=None):
         epochs.append(n)
         return original(ctx, model, params, n, forward)
 
-    monkeypatch.setattr(engine._ClientContext, "train_epochs", spy)
+    monkeypatch.setattr(_ClientContext, "train_epochs", spy)
     return epochs, sim.run_round()
 
 

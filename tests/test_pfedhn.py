@@ -46,15 +46,20 @@ def synthetic_updates(sim: Simulation, clients=(0, 2, 3)) -> list[ClientUpdate]:
 
 
 def recorded_updates(sim: Simulation) -> list[list[ClientUpdate]]:
-    """Wrap the method's aggregate so each round's updates are kept for inspection."""
+    """Wrap the method's streaming aggregation so each round's updates are kept for inspection."""
     rounds: list[list[ClientUpdate]] = []
-    inner = sim.method.aggregate
+    start, add = sim.method.start_aggregation, sim.method.add_update
 
-    def aggregate(updates):
-        rounds.append(list(updates))
-        inner(updates)
+    def start_aggregation():
+        rounds.append([])
+        start()
 
-    sim.method.aggregate = aggregate
+    def add_update(update):
+        rounds[-1].append(update)
+        add(update)
+
+    sim.method.start_aggregation = start_aggregation
+    sim.method.add_update = add_update
     return rounds
 
 

@@ -28,6 +28,11 @@ from ..engine import Simulation
 from ..resolve import RunSpec
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _steps(sizes: list[int], batch_size: int) -> int:
     return sum(-(-n // batch_size) for n in sizes)
 
@@ -37,9 +42,11 @@ def _engine(cfg) -> tuple[float, int, int]:
     rounds = cfg.train.rounds - 1  # the last round evaluates; time only training rounds
     sizes = [sim.data.num_samples(c) for c in range(sim.data.num_clients)]
     samples = rounds * cfg.train.local_epochs * sum(sizes)
+    _sync(sim.device)
     start = time.perf_counter()
     for _ in range(rounds):
         sim.run_round()
+    _sync(sim.device)
     steps = rounds * cfg.train.local_epochs * _steps(sizes, cfg.train.batch_size)
     return samples / (time.perf_counter() - start), samples, steps
 
@@ -52,16 +59,19 @@ def _tight(cfg, epochs: int) -> tuple[float, int, int]:
     generator = torch.Generator().manual_seed(0)
     bs, t = cfg.train.batch_size, cfg.train
     model.train()
+    _sync(sim.device)
     start = time.perf_counter()
     for _ in range(epochs):
         opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         order = torch.randperm(len(index), generator=generator).to(data.device)
         for s in range(0, len(index), bs):
             batch = order[s : s + bs]
-            loss = F.cross_entropy(model(x_all[batch]), y_all[batch])
+            with sim.autocast():  # the engine's precision (bf16 on a GPU)
+                loss = F.cross_entropy(model(x_all[batch]).float(), y_all[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    _sync(sim.device)
     samples = epochs * len(index)
     return samples / (time.perf_counter() - start), samples, epochs * _steps([len(index)], bs)
 

@@ -1,0 +1,51 @@
+"""The benchmarks run end to end at tiny settings (their numbers are not checked here: speed is not a test)."""
+
+from __future__ import annotations
+
+import re
+
+from pflbench.benchmark.cli import main
+from pflbench.benchmark.perf.memory import measure
+
+
+def test_gpu_benchmark_runs_tiny_on_the_cpu(capsys):
+    assert main(["perf", "gpu", "--tiny", "--threads", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tight loop [\d.]+ samples/s, engine [\d.]+ samples/s, ratio [\d.]+", out)
+    assert re.search(r"sequential [\d.]+ samples/s, \d+ clients together [\d.]+ samples/s", out)
+    assert re.search(r"paper-cifar100 round .* [\d.]+ s; 50 rounds", out)
+    assert "paper run (50 rounds) extrapolated" in out and "FAILED" not in out
+
+
+def test_gpu_benchmark_needs_data_unless_tiny(capsys):
+    assert main(["perf", "gpu"]) == 2
+    assert "--data-root" in capsys.readouterr().err
+
+
+def test_memory_benchmark_measures_each_run_in_its_own_process():
+    tiny = ["model.patch_size=4", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"]
+    results = measure(methods=["local", "fedper"], clients=[6], overrides=tiny)
+    assert [(r.method, r.clients) for r in results] == [("local", 6), ("fedper", 6)]
+    for r in results:
+        assert r.trained == r.clients  # every client trained and kept its personal state
+        assert r.peak_rss > r.base_rss > 0
+    local, fedper = results
+    assert local.personal_bytes == local.model_bytes  # local: everything is personal
+    assert 0 < fedper.personal_bytes < fedper.model_bytes  # fedper: only the head
+
+
+def test_memory_benchmark_cli_prints_the_ratio(capsys):
+    tiny = ["--set", "model.patch_size=4", "--set", "model.embed_dim=16", "--set", "model.depth=1",
+            "--set", "model.num_heads=2"]
+    assert main(["perf", "memory", "--methods", "fedper", "--clients", "2,4", "--quiet", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"fedper: peak RSS 4 / 2 clients = [\d.]+; growth -?[\d.]+ KiB per added client", out)
+    assert main(["perf", "memory", "--methods", "nosuch"]) == 2
+
+
+def test_together_benchmark_runs_tiny(capsys):
+    tiny = ["--set", "model.patch_size=4", "--set", "model.embed_dim=16", "--set", "model.depth=1",
+            "--set", "model.num_heads=2", "--set", "data.num_clients=4"]
+    assert main(["perf", "together", "--preset", "smoke", "--repeats", "1", "--threads", "1", "--quiet", *tiny]) == 0
+    line = capsys.readouterr().out
+    assert re.search(r"fedavg: sequential [\d.]+ samples/s, 4 clients together [\d.]+ samples/s; ratio", line)
