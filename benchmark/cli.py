@@ -559,9 +559,132 @@ def _add_runs(sub) -> None:
 
 
 # ---------------------------------------------------------------------------
+# bench tune
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .console_study import TrialsLive, tune_summary
+    from .tuning import TuneRequest, run_tune
+
+    req = TuneRequest(args.method, args.dataset, _spec(args), args.trials, storage=args.storage, study=args.study,
+                      pruner=args.pruner, timeout=args.timeout, workers=args.workers,
+                      tracking_uri=args.tracking_uri, experiment=args.experiment)
+    if args.quiet:
+        result = run_tune(req)
+    else:
+        with TrialsLive(show.console, f"tuning {args.method} on {args.dataset} (val_acc_mean)") as live:
+            result = run_tune(req, on_update=live.update)
+        show.console.print()
+        tune_summary(show.console, result, args.method, args.dataset)
+    best = f"{result.best.value:.4f}" if result.best else "none"
+    print(f"tune {result.study} trials={len(result.trials)} ran={result.ran_here} best_val_acc_mean={best} "
+          f"parent_run_id={result.parent_run_id}")
+    return 0
+
+
+def _add_tune(sub) -> None:
+    from .tuning import PRUNERS
+
+    p = sub.add_parser("tune", help="tune a method's settings on validation data (Optuna TPE), recorded in MLflow")
+    p.add_argument("--method", required=True, help="method name (`bench list`)")
+    p.add_argument("--dataset", required=True, help="dataset name (`bench list`)")
+    p.add_argument("--trials", type=int, required=True, help="the study's total number of trials (a rerun tops it up)")
+    _add_config_arguments(p)
+    _add_tracking_arguments(p)
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage: postgresql://USER@HOST/DB to share a study between machines;"
+                        " default: a journal file beside the MLflow store")
+    p.add_argument("--study", metavar="NAME", help="study name (default: METHOD-DATASET-<config hash>)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median", help="stop bad trials early (default median)")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes on this machine (default 1)")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_tune)
+
+
+# ---------------------------------------------------------------------------
+# bench sweep
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .console_study import sweep_progress, sweep_summary
+    from .sweep import run_sweep
+
+    progress = None if args.quiet else sweep_progress(show.console, 0)
+
+    def on_start(total: int, skipped: int) -> None:
+        if progress is not None:
+            progress.update(0, total=total, completed=skipped, last=f"{skipped} already finished, skipped")
+            progress.start()
+
+    def on_item(item) -> None:
+        if progress is not None:
+            acc = "" if item.test_acc_mean is None else f" {item.test_acc_mean:.4f}"
+            progress.update(0, advance=1, last=f"{item.method}/{item.dataset} seed {item.seed}: {item.status}{acc}")
+
+    try:
+        suite = run_sweep(args.suite, workers=args.workers, tracking_uri=args.tracking_uri,
+                          experiment=args.experiment, data_root=args.data_root, on_start=on_start, on_item=on_item)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if not args.quiet:
+        sweep_summary(show.console, suite)
+    counts = {s: sum(1 for i in suite.items if i.status == s) for s in ("finished", "skipped", "failed")}
+    print(f"sweep {suite.path.name} runs={len(suite.items)} " + " ".join(f"{k}={v}" for k, v in counts.items()))
+    for item in suite.items:
+        if item.status == "failed":
+            show.err_console.print(f"failed: {item.method}/{item.dataset} seed {item.seed}: {item.error}", markup=False)
+    return 1 if counts["failed"] else 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="run a suite of final runs (datasets x methods x seeds), skipping finished ones")
+    p.add_argument("suite", metavar="SUITE.toml", help="the suite file (see README: bench sweep)")
+    _add_tracking_arguments(p)
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets, for runs whose suite sets none")
+    p.add_argument("--workers", type=int, default=1, metavar="K",
+                   help="parallel worker processes: one GPU each, or the CPU threads split (default 1)")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_sweep)
+
+
+# ---------------------------------------------------------------------------
+# bench leaderboard
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from ..leaderboard.build import build_board, collect, write_board
+    from .console_study import leaderboard_summary
+
+    runs = collect(args.tracking_uri, args.experiment, args.stage)
+    board = build_board(runs, experiment=args.experiment, stage=args.stage, budget=args.budget or "",
+                        pending=not args.no_pending)
+    write_board(board, args.out)
+    if not args.quiet:
+        leaderboard_summary(show.console, board, args.out)
+    cells = sum(1 for s in board.sections for c in s.cells if c.n)
+    print(f"leaderboard {args.out} sections={len(board.sections)} cells={cells} runs={board.runs_used}")
+    return 0
+
+
+def _add_leaderboard(sub) -> None:
+    p = sub.add_parser("leaderboard", help="build the leaderboard (README.md, results.csv, index.html) from MLflow runs")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write README.md, results.csv, index.html")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", default="pflbench", metavar="NAME", help="MLflow experiment (default pflbench)")
+    p.add_argument("--stage", default="final", help="which runs to read (default final: the sweep's runs)")
+    p.add_argument("--budget", metavar="TEXT", help="the tuning budget, stated on the page")
+    p.add_argument("--no-pending", action="store_true", help="leave out the paper's settings that have no runs")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_leaderboard)
+
+
+# ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_runs]
+COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_runs, _add_tune, _add_sweep, _add_leaderboard]
 
 
 def _version() -> str:

@@ -111,7 +111,8 @@ class EvalResult:
         """Mean and sample-weighted accuracy over the evaluated clients (count > 0)."""
         out = {
             "test_acc_mean": self._mean(self.test_correct, self.test_count),
-            "test_acc_weighted": float(self.test_correct.sum() / max(self.test_count.sum(), 1)),
+            "test_acc_weighted": (float(self.test_correct.sum() / self.test_count.sum())
+                                  if self.test_count.sum() > 0 else math.nan),
         }
         if self.val_count.sum() > 0:
             out["val_acc_mean"] = self._mean(self.val_correct, self.val_count)
@@ -148,8 +149,11 @@ def derive_seeds(seed: int) -> dict[str, int]:
 class Simulation:
     """One federated experiment: data, model, method and the round loop."""
 
-    def __init__(self, cfg: RunConfig, *, images: ImageSet | None = None, partition: Partition | None = None):
+    def __init__(self, cfg: RunConfig, *, images: ImageSet | None = None, partition: Partition | None = None,
+                 eval_splits: Sequence[str] = ("test", "val")):
         self.cfg = cfg
+        # Tuning passes ("val",): the test split is then never read.
+        self.eval_splits = tuple(eval_splits)
         self.device = resolve_device(cfg.device)
         self.seeds = derive_seeds(cfg.seed)
         self.images = images if images is not None else DATASETS.get(cfg.dataset.name).load(cfg.dataset)
@@ -311,7 +315,7 @@ class Simulation:
             metrics.update(self.last_eval.metrics())
             loss_samples += self.last_eval.train_samples
             forward_samples += self.last_eval.forward_samples
-            if self.has_global_view:
+            if self.has_global_view and "test" in self.eval_splits:
                 # Where every client was just evaluated on the server's model itself, that was the global view.
                 reuse = not self._after_local and self._evaluates_the_global_model()
                 view = self.last_eval.test_only() if reuse else self.evaluate_global(self.training_clients)
@@ -418,7 +422,7 @@ class Simulation:
         self.model.eval()
         bs = self.cfg.train.eval_batch_size
         with self.autocast():
-            for split in splits:
+            for split in (s for s in splits if s in self.eval_splits):  # tuning never reads "test"
                 correct, total = self.method.evaluate(self.forward_model, self.data.eval_batches(client, split, bs))
                 getattr(result, f"{split}_correct")[client] = correct
                 getattr(result, f"{split}_count")[client] = total

@@ -22,6 +22,18 @@ class TrainingDiverged(Exception):
         self.loss = loss
 
 
+class RunStopped(Exception):
+    """A run stopped on purpose before its last round (a pruned tuning trial).
+
+    Its MLflow run ends KILLED, not FAILED, with the tag `pflbench.<reason>` = "true".
+    """
+
+    def __init__(self, reason: str, round_index: int):
+        super().__init__(f"run stopped ({reason}) at round {round_index}")
+        self.reason = reason
+        self.round_index = round_index
+
+
 class Terminated(KeyboardInterrupt):
     """The process was asked to stop (SIGTERM): handled like Ctrl-C, the run ends KILLED."""
 

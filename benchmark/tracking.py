@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import mlflow
@@ -40,7 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from .config import config_hash, flatten, to_toml
 from .engine import METRIC_NAMES, Callback, RunResult, Simulation
-from .errors import UserError
+from .errors import RunStopped, UserError
 from .reports import client_accuracy_csv, learning_curve_png, partition_summary_csv
 
 # MLflow and alembic announce schema migrations at INFO on a new store: noise for a CLI user.
@@ -448,11 +449,14 @@ class RunRecorder(Callback):
 
 
 def _end_run(client: MlflowClient, run_id: str, exc_type, exc) -> None:
-    """End a run FINISHED, FAILED (an exception, recorded as a tag) or KILLED (Ctrl-C, SIGTERM)."""
+    """End a run FINISHED, FAILED (an exception, recorded as a tag) or KILLED (Ctrl-C, SIGTERM, stopped on purpose)."""
     if exc_type is None:
         status = "FINISHED"
     elif issubclass(exc_type, KeyboardInterrupt):
         status = "KILLED"
+    elif issubclass(exc_type, RunStopped):
+        status = "KILLED"
+        client.set_tag(run_id, TAG_PREFIX + exc.reason, "true")
     else:
         status = "FAILED"
     try:
@@ -474,7 +478,7 @@ class ParentRun:
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, *,
                  run_name: str, stage: str, tags: Mapping[str, Any] | None = None,
-                 params: Mapping[str, Any] | None = None):
+                 params: Mapping[str, Any] | None = None, run_id: str | None = None):
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
         self.run_name = run_name
@@ -483,7 +487,7 @@ class ParentRun:
         self.params = dict(params or {})
         self.client: MlflowClient | None = None
         self.experiment_id: str | None = None
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id  # given: reopen that run (a resumed study) instead of creating one
 
     def prepare(self) -> ParentRun:
         """Check and set up the store and the experiment; call it before any work starts."""
@@ -498,6 +502,10 @@ class ParentRun:
 
     def __enter__(self) -> ParentRun:
         self.prepare()
+        if self.run_id is not None:
+            with store_errors(self.tracking_uri):
+                self.client.update_run(self.run_id, status="RUNNING")
+            return self
         with store_errors(self.tracking_uri):
             tags = self.tags | process_tags()
             self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
@@ -519,6 +527,80 @@ class ParentRun:
     def log_artifact(self, path: str | Path) -> None:
         """Attach a local file to the run."""
         self.client.log_artifact(self.run_id, str(path))
+
+    def log_text(self, text: str, name: str) -> None:
+        """Attach `text` to the run as the artifact `name`."""
+        self.client.log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+# ---------------------------------------------------------------------------
+# Queries (sweep, tune and leaderboard read MLflow only through these)
+
+
+@dataclass
+class RunRecord:
+    """One finished run as the leaderboard and the sweep need it."""
+
+    run_id: str
+    start_time: int  # ms since the epoch
+    status: str
+    end_time: int  # ms since the epoch; 0 while running
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each metric
+
+
+def _experiment_ids(client: MlflowClient, experiment: str) -> list[str]:
+    found = client.get_experiment_by_name(experiment)
+    return [found.experiment_id] if found is not None else []
+
+
+def experiment_exists(tracking_uri: str | None, experiment: str) -> bool:
+    """Whether the store holds an experiment of that name."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    return bool(_experiment_ids(client, experiment))
+
+
+def ensure_experiment(tracking_uri: str | None, experiment: str) -> str:
+    """The experiment's id, created (with the store) when missing."""
+    uri = tracking_uri or default_tracking_uri()
+    return _experiment_id(MlflowClient(tracking_uri=uri), experiment, uri)
+
+
+def find_runs(tracking_uri: str | None, experiment: str, *, stage: str | None = None,
+              status: str | None = "FINISHED", tags: Mapping[str, str] | None = None) -> list[RunRecord]:
+    """Runs of `experiment` with the given stage, status and tags, oldest first."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    ids = _experiment_ids(client, experiment)
+    if not ids:
+        return []
+    clauses = [f"tags.`{TAG_PREFIX}stage` = '{stage}'"] if stage else []
+    clauses += [f"attributes.status = '{status}'"] if status else []
+    clauses += [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
+    out, token = [], None
+    while True:
+        page = client.search_runs(ids, " and ".join(clauses), max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        for run in page:
+            out.append(RunRecord(run.info.run_id, int(run.info.start_time or 0), run.info.status,
+                                 int(run.info.end_time or 0), dict(run.data.tags), dict(run.data.params), dict(run.data.metrics)))
+        token = page.token
+        if not token:
+            return out
+
+
+def read_text_artifact(tracking_uri: str | None, run_id: str, name: str) -> str | None:
+    """The text of artifact `name` of a run; None when the run has no such artifact."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, name, tmp)
+        except (MlflowException, OSError):
+            return None
+        return Path(path).read_text()
 
 
 # ---------------------------------------------------------------------------
@@ -623,7 +705,7 @@ def search_runs(tracking_uri: str | None = None, experiments: list[str] | None =
 
 
 __all__ = [
-    "METRIC_NAMES", "ParentRun", "RecordedRun", "ResumableRun", "RunRecorder", "check_tracking_uri",
-    "default_tracking_uri", "list_runs", "mark_killed", "open_store", "resumable_run", "run_url", "search_runs",
-    "ui_command",
+    "METRIC_NAMES", "ParentRun", "RecordedRun", "ResumableRun", "RunRecord", "RunRecorder", "check_tracking_uri",
+    "default_tracking_uri", "ensure_experiment", "experiment_exists", "find_runs", "list_runs", "mark_killed",
+    "open_store", "read_text_artifact", "resumable_run", "run_url", "search_runs", "ui_command",
 ]

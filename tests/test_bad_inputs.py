@@ -26,6 +26,7 @@ RUN = ["run", "--method", "fedavg", "--dataset", "digits", "--preset", "smoke", 
 PARTITION = ["partition", "--dataset", "digits", "--preset", "smoke", "--set", "data.num_clients=4"]
 SENSITIVITY = ["sensitivity", "--dataset", "digits", "--preset", "smoke", "--device", "cpu"]
 PERF = ["perf", "overhead", "--set", "model.embed_dim=16", "--set", "model.depth=1"]
+TUNE = ["tune", "--method", "fedavg", "--dataset", "digits", "--preset", "smoke", "--trials", "2"]
 WITH_FILE = ["--set", "data.partition_file={tmp}/p.json"]
 
 Setup = Callable[[Path, pytest.MonkeyPatch], None]
@@ -97,6 +98,16 @@ def full_disk_oserror(tmp: Path, monkeypatch) -> None:
 
 def config_file(text: str) -> Setup:
     return file_at("c.toml", text.encode())
+
+
+def suite_file(text: str) -> Setup:
+    return file_at("s.toml", text.encode())
+
+
+def empty_experiment(tmp: Path, monkeypatch) -> None:
+    from pflbench.benchmark.tracking import ensure_experiment
+
+    ensure_experiment(f"sqlite:///{tmp / 'mlflow.db'}", "pflbench")
 
 
 def item(index, value):
@@ -259,6 +270,42 @@ CASES: list[tuple[str, list[str], str, Setup | None]] = [
     ("runs-mark-killed-without-stale", ["runs", "--mark-killed"], "--mark-killed goes with --stale", None),
     ("runs-tracking-unknown-scheme", ["runs", "--tracking-uri", "foo://x"], "unknown tracking URI", None),
     ("runs-zero-limit", ["runs", "--limit", "0"], "--limit", None),
+    # bench tune
+    ("tune-unknown-storage-scheme", [*TUNE, "--storage", "redis://localhost/0"], "unknown storage scheme 'redis'",
+     None),
+    ("tune-unreachable-postgresql", [*TUNE, "--storage", "postgresql://nobody@127.0.0.1:1/none"],
+     "cannot open study storage", None),
+    ("tune-no-validation-data", [*TUNE, "--set", "data.val_fraction=0"], "data.val_fraction", None),
+    ("tune-zero-trials", [*TUNE[:-2], "--trials", "0"], "--trials", None),
+    ("tune-zero-workers", [*TUNE, "--workers", "0"], "--workers", None),
+    ("tune-unknown-pruner", [*TUNE, "--pruner", "nope"], "--pruner", None),
+    ("tune-unknown-method", ["tune", "--method", "nope", "--dataset", "digits", "--trials", "2"],
+     "unknown method 'nope'", None),
+    # bench sweep
+    ("sweep-missing-suite", ["sweep", "{tmp}/missing.toml"], "suite file not found", None),
+    ("sweep-unknown-method", ["sweep", "{tmp}/s.toml"], "unknown method 'nope'; choose one of:",
+     suite_file('methods = ["fedavg", "nope"]\n[[run]]\ndataset = "digits"\n')),
+    ("sweep-unknown-dataset", ["sweep", "{tmp}/s.toml"], "unknown dataset 'nope'",
+     suite_file('[[run]]\ndataset = "nope"\n')),
+    ("sweep-unknown-key", ["sweep", "{tmp}/s.toml"], "unknown key 'colour'",
+     suite_file('[[run]]\ndataset = "digits"\ncolour = 1\n')),
+    ("sweep-seeds-not-a-list", ["sweep", "{tmp}/s.toml"], "'seeds' must be a list",
+     suite_file('seeds = "0"\n[[run]]\ndataset = "digits"\n')),
+    ("sweep-no-run-table", ["sweep", "{tmp}/s.toml"], "no [[run]] table", suite_file('methods = ["fedavg"]\n')),
+    ("sweep-bad-override", ["sweep", "{tmp}/s.toml"], "train.lr",
+     suite_file('[[run]]\ndataset = "digits"\noverrides = ["train.lr=x"]\n')),
+    ("sweep-best-of-unknown-study", ["sweep", "{tmp}/s.toml"], "never-tuned",
+     suite_file('methods = ["fedavg"]\n[[run]]\ndataset = "digits"\nbest_of = "never-tuned"\n')),
+    ("sweep-not-toml", ["sweep", "{tmp}/s.toml"], "not valid TOML", suite_file("[[run]\n")),
+    ("sweep-zero-workers", ["sweep", "{tmp}/s.toml", "--workers", "0"], "--workers",
+     suite_file('methods = ["fedavg"]\n[[run]]\ndataset = "digits"\n')),
+    # bench leaderboard
+    ("leaderboard-no-experiment", ["leaderboard", "--out", "{tmp}/b", "--experiment", "nope"],
+     "no MLflow experiment 'nope'", None),
+    ("leaderboard-empty-experiment", ["leaderboard", "--out", "{tmp}/b"], "has no finished runs of stage 'final'",
+     empty_experiment),
+    ("leaderboard-no-runs-of-stage", ["leaderboard", "--out", "{tmp}/b", "--stage", "tune"],
+     "has no finished runs of stage 'tune'", empty_experiment),
 ]
 
 # Store files a refused command may touch: the lock that serializes set-up, sqlite's journal.
@@ -277,7 +324,7 @@ def _running(uri: str) -> list[str]:
 
 def test_the_table_covers_each_command_and_has_enough_cases():
     commands = {argv[0] for _, argv, _, _ in CASES}
-    assert {"run", "partition", "sensitivity", "perf", "runs"} <= commands
+    assert {"run", "partition", "sensitivity", "perf", "runs", "tune", "sweep", "leaderboard"} <= commands
     assert len(CASES) >= 60 and len({name for name, *_ in CASES}) == len(CASES)
 
 

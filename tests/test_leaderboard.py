@@ -1,0 +1,217 @@
+"""The leaderboard: statistics on hand-made numbers, a golden output, a real browser, and the command."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from pflbench.benchmark.cli import main
+from pflbench.leaderboard import stats
+from pflbench.leaderboard.build import RunRow, build_board, parse_client_accuracy, write_board
+
+from conftest import TINY
+
+GOLDEN = Path(__file__).parent / "golden" / "leaderboard"
+
+
+# ---------------------------------------------------------------------------
+# statistics
+
+
+def test_t_interval_by_hand():
+    iv = stats.t_interval([1.0, 2.0, 3.0])
+    # t(0.975, df=2) = 4.302653; sd = 1; half = 4.302653 / sqrt(3)
+    assert iv.mean == 2.0 and iv.n == 3
+    assert iv.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    one = stats.t_interval([0.5])
+    assert one.mean == 0.5 and one.n == 1 and math.isnan(one.lo)  # no interval from one seed
+    assert stats.t_interval([0.4, math.nan, 0.6]).n == 2
+
+
+def test_newest_run_per_seed_wins_and_the_older_is_reported():
+    runs = [("a", 0, 10), ("b", 1, 11), ("c", 0, 30), ("d", 2, 5)]
+    kept, dropped = stats.newest_per_seed(runs, seed=lambda r: r[1], started=lambda r: r[2])
+    assert [r[0] for r in kept] == ["c", "b", "d"] and [r[0] for r in dropped] == ["a"]
+
+
+def test_paired_comparison_uses_the_seed_pairing():
+    best = {0: 0.80, 1: 0.60, 2: 0.90}
+    # Always 0.05 below the best on the same seed: unpaired intervals overlap, the paired one does not.
+    close = {0: 0.75, 1: 0.55, 2: 0.85}
+    diff = stats.paired_difference(close, best)
+    assert diff.mean == pytest.approx(-0.05) and diff.hi == pytest.approx(-0.05)
+    assert stats.not_distinguishable(diff) is False
+    assert stats.t_interval(list(close.values())).contains(stats.t_interval(list(best.values())).mean)
+    noisy = {0: 0.85, 1: 0.55, 2: 0.90}
+    assert stats.not_distinguishable(stats.paired_difference(noisy, best)) is True
+    assert stats.not_distinguishable(stats.paired_difference({0: 0.1, 5: 0.2}, best)) is None  # one shared seed
+
+
+def test_fairness_std_and_worst_ten_percent():
+    accs = [i / 10 for i in range(1, 11)]  # 0.1 .. 1.0
+    std, worst = stats.client_fairness(accs)
+    assert worst == pytest.approx(0.1)  # 10% of 10 clients = the single worst
+    assert std == pytest.approx(float(__import__("numpy").std(accs)))
+    assert stats.client_fairness([0.2, 0.4, *[0.9] * 9])[1] == pytest.approx(0.3)  # ceil(1.1) = 2 clients
+    assert stats.client_fairness([0.5, math.nan])[1] == 0.5
+
+
+def test_pareto_front_and_best():
+    pts = [(1.0, 0.5), (2.0, 0.7), (3.0, 0.6), (0.5, 0.4)]
+    assert stats.pareto_front(pts) == [0, 1, 3]
+    assert stats.best_index([0.3, math.nan, 0.7, 0.7]) == 2
+
+
+def test_client_accuracy_csv_is_read_without_empty_clients():
+    text = "client,test_acc,test_samples,val_acc,val_samples\n0,0.500000,4,,0\n1,,0,0.1,3\n2,1.000000,2,,0\n"
+    assert parse_client_accuracy(text) == [0.5, 1.0]
+
+
+# ---------------------------------------------------------------------------
+# the board, from fixture runs
+
+SETTING = {"data.partition": "dirichlet", "data.alpha": "0.1", "data.num_clients": "4", "data.protocol": "pool",
+           "model.name": "vit", "model.embed_dim": "16", "model.depth": "2", "model.patch_size": "4",
+           "model.image_size": "0", "train.rounds": "2", "train.sample_fraction": "1.0",
+           "dataset.name": "digits", "dataset.root": "data"}
+
+
+def _run(i: int, method: str, seed: int, acc: float, *, start: int = 0, novel: float | None = None,
+         lr: str = "0.05", dataset: str = "digits", clients=(0.5, 0.6, 0.7, 0.9)) -> RunRow:
+    metrics = {"test_acc_mean": acc, "test_acc_weighted": acc + 0.01, "bytes_up": 1000.0 * (len(method) % 3),
+               "val_acc_mean": acc - 0.02}
+    if novel is not None:
+        metrics["novel_test_acc_mean"] = novel
+    params = {**SETTING, "dataset.name": dataset, "method.name": method, "train.lr": lr, "seed": str(seed)}
+    start_ms = 1_790_000_000_000 + 60_000 * i + start
+    return RunRow(f"run{i:02d}{method}", method, dataset, seed, start_ms, start_ms + 30_000 + 1000 * i, params,
+                  metrics, [c + acc - 0.7 for c in clients], "0.1.0", "abc123")
+
+
+def fixture_runs() -> list[RunRow]:
+    runs = []
+    i = 0
+    for method, accs, lr in (("fedavg", (0.70, 0.66, 0.74), "0.05"), ("fedper", (0.80, 0.75, 0.86), "0.1"),
+                             ("local", (0.78, 0.76, 0.83), "0.02"), ("fedbn", (0.60, 0.58, 0.63), "0.05")):
+        for seed, acc in enumerate(accs):
+            runs.append(_run(i, method, seed, acc, lr=lr, novel=0.5 if method == "fedper" else None))
+            i += 1
+    runs.append(_run(i, "fedavg", 0, 0.10, start=-10**9))  # an older repeat of seed 0: dropped
+    runs.append(_run(i + 1, "fedavg", 0, 0.55, dataset="other"))  # another dataset, one seed
+    return runs
+
+
+def _mask(text: str) -> str:
+    return re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,PNG", text)
+
+
+def test_board_groups_dedups_and_compares():
+    board = build_board(fixture_runs(), experiment="exp")
+    digits = next(s for s in board.sections if s.dataset == "digits")
+    # Tuned learning rates differ, the setting is shared: one table for the four methods.
+    assert [c.method for c in digits.cells] == ["fedper", "local", "fedavg", "fedbn"]
+    fedavg = next(c for c in digits.cells if c.method == "fedavg")
+    assert fedavg.seeds == [0, 1, 2] and fedavg.acc.mean == pytest.approx(0.70)
+    assert "seed 0 was run 2 times" in fedavg.note and len(fedavg.dropped) == 1
+    verdicts = {c.method: c.verdict for c in digits.cells}
+    assert verdicts == {"fedper": "best", "local": "not distinguishable", "fedavg": "worse", "fedbn": "worse"}
+    assert next(c for c in digits.cells if c.method == "fedper").novel == 0.5
+    other = next(s for s in board.sections if s.dataset == "other")
+    assert [(c.method, c.verdict) for c in other.cells] == [  # methods not run there are rows, not gaps
+        ("fedavg", "best"), ("fedbn", "pending"), ("fedper", "pending"), ("local", "pending")]
+    assert other.cells[1].acc_text == "no finished run in this setting"
+    pending = [s for s in board.sections if s.pending]
+    assert [s.dataset for s in pending] == ["cifar100", "organamnist", "officehome"]
+    assert all(c.acc_text == "not run yet: needs a GPU" for s in pending for c in s.cells)
+
+
+def test_output_matches_the_golden_files_and_is_deterministic(tmp_path):
+    board = build_board(fixture_runs(), experiment="exp", budget="2 trials per method")
+    first = write_board(board, tmp_path / "a")
+    second = write_board(build_board(list(reversed(fixture_runs())), experiment="exp",
+                                     budget="2 trials per method"), tmp_path / "b")
+    assert sorted(first) == sorted(second)
+    for name in first:  # byte for byte, PNGs included, whatever the order the runs come in
+        assert first[name].read_bytes() == second[name].read_bytes(), name
+    if os.environ.get("PFLBENCH_UPDATE_GOLDEN"):
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        for name in ("README.md", "results.csv"):
+            (GOLDEN / name).write_text(first[name].read_text())
+        (GOLDEN / "index.html").write_text(_mask(first["index.html"].read_text()))
+    for name in ("README.md", "results.csv"):
+        assert first[name].read_text() == (GOLDEN / name).read_text(), name
+    assert _mask(first["index.html"].read_text()) == (GOLDEN / "index.html").read_text()
+    assert first["pareto-digits-" + board.sections[0].setting_hash + ".png"].read_bytes().startswith(b"\x89PNG")
+
+
+# ---------------------------------------------------------------------------
+# the page in a real browser
+
+
+class _Rows(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, list[str]] = {}
+        self.section = ""
+        self.ready = False
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "html" and a.get("data-ready") == "yes":
+            self.ready = True
+        if tag == "section":
+            self.section = a["id"]
+        if tag == "tr" and "cell" in a.get("class", "").split():
+            self.rows.setdefault(self.section, []).append(a["data-method"])
+        for key in ("src", "href"):
+            if key in a and not a[key].startswith("data:"):
+                self.external.append(a[key])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (.ci/run installs Debian's chromium)")
+def test_the_page_loads_in_headless_chromium_with_one_row_per_method(tmp_path):
+    board = build_board(fixture_runs(), experiment="exp")
+    page = write_board(board, tmp_path / "board")["index.html"]
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          page.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    parsed = _Rows()
+    parsed.feed(dom)
+    assert parsed.ready  # the page's script ran
+    assert parsed.external == []  # self-contained: nothing to fetch
+    for section in board.sections:
+        assert sorted(parsed.rows[section.slug]) == sorted(c.method for c in section.cells)
+    assert len(parsed.rows[board.sections[0].slug]) == 4
+
+
+# ---------------------------------------------------------------------------
+# the command, on real runs
+
+
+def test_bench_leaderboard_from_a_sweep(capsys, tracking_uri, tmp_path):
+    overrides = ", ".join(f'"{o}"' for o in TINY)
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'seeds = [0, 1]\nmethods = ["fedavg", "local"]\n[[run]]\ndataset = "digits"\n'
+                     f'preset = "smoke"\noverrides = [{overrides}]\n')
+    assert main(["sweep", str(suite), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", "--out", str(tmp_path / "board"), "--quiet", "--no-pending"]) == 0
+    assert "sections=1 cells=2 runs=4" in capsys.readouterr().out
+    text = (tmp_path / "board" / "README.md").read_text()
+    assert "| fedavg | 2 |" in text and "| local | 2 |" in text
+    csv_text = (tmp_path / "board" / "results.csv").read_text()
+    assert len(csv_text.strip().splitlines()) == 3
+    from pflbench.benchmark.tracking import find_runs
+
+    for run in find_runs(tracking_uri, "pflbench", stage="final"):
+        assert run.run_id in text and run.run_id in csv_text  # every cell traces to its runs
