@@ -97,6 +97,7 @@ class DataConfig:
 
 
 EVAL_TIMINGS = ("after-aggregation", "after-local")
+NORMALIZATIONS = ("train", "fixed")  # train: statistics of the training images only; fixed: (0.5, 0.5)
 
 
 @dataclass
@@ -355,6 +356,8 @@ def check_ranges(cfg: RunConfig) -> None:
     require(m.embed_dim % m.num_heads == 0, "model.embed_dim", m.embed_dim,
              f"must be divisible by model.num_heads={m.num_heads}")
     require(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "must be > 0")
+    require(d.normalize in NORMALIZATIONS, "data.normalize", d.normalize,
+            f"choose one of: {', '.join(NORMALIZATIONS)}")
     require(d.alpha > 0, "data.alpha", d.alpha, "must be > 0")
     require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
     require(d.clients_per_domain >= 1, "data.clients_per_domain", d.clients_per_domain, "must be >= 1")

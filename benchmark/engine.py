@@ -43,9 +43,9 @@ from .config import RunConfig
 from .errors import TrainingDiverged, UserError
 from .models import build_model
 
-METRIC_NAMES = (
+METRIC_NAMES = (  # logged by every run, at the last round at least
     "test_acc_mean", "test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds",
-    "train_samples", "forward_samples", "global_test_acc_mean",
+    "train_samples", "forward_samples",
 )
 HELD_OUT_PREFIX = "novel_"  # held-out clients' metrics: novel_test_acc_mean, ...
 GLOBAL_PREFIX = "global_"  # the server's one model on every client's test split: global_test_acc_mean, ...

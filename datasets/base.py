@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..benchmark.config import DatasetConfig
+from ..benchmark.config import NORMALIZATIONS, DatasetConfig
 from ..benchmark.registry import Registry
 from .partition import Partition
 
@@ -83,10 +83,9 @@ def register_dataset(
     return wrap
 
 
-NORMALIZATIONS = ("train", "fixed")  # train: statistics of the training images only; fixed: (0.5, 0.5)
-
-
-def channel_statistics(images: torch.Tensor, index: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_statistics(
+    images: torch.Tensor, index: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std in [0, 1] of `images[index]` (uint8 N,H,W,C), in float64 chunks.
 
     Only the given images enter the statistics, so test images never shape

@@ -9,13 +9,13 @@ its own linear output layer, as the paper does for small CNNs, would need
 generator here emits fixed-size chunks instead:
 
     h         = MLP(e_client)                     the paper's MLP body
-    chunk_j   = W (h * c_j) + b                   one linear generator for all chunks
+    chunk_j   = W (h * c_j)                       one linear generator for all chunks
     targets   = base + concat(chunk_1 .. chunk_J)[:N], cut and reshaped into the target tensors
 
 `c_j` is a learned embedding of chunk j (width `hidden_dim`) that gates the
 client features, so each chunk reads its own linear view of the client.
-Stacked over chunks the chunked output is `C diag(h) W^T + 1 b^T`: its rank is
-at most `hidden_dim + 1` per generated matrix, far below a ViT-S attention
+Stacked over chunks the chunked output is `C diag(h) W^T`: its rank is at
+most `hidden_dim` per generated matrix, far below a ViT-S attention
 matrix's. So a full-size learned `base`, shared by every client, carries the
 common solution (it starts at the model's own initial weights), and the
 hypernetwork only the client's deviation from it, which starts small
@@ -30,8 +30,9 @@ training on the generated weights each client returns them; the server pushes
 for the base it is the delta itself, so `base_lr = 1` is FedAvg's step there),
 clips the hypernetwork's gradient norm and steps SGD on the base, the
 hypernetwork and the client embeddings. The hypernetwork's learning rates are
-divided by the largest eigenvalue of `J J^T` (its Jacobian at the start, by
-power iteration), so with `hn_lr = 1` its step moves a client's generated
+divided by the largest eigenvalue of `J J^T` (J: the Jacobian of a client's
+deviation with respect to the hypernetwork and its embedding, at the start,
+by power iteration), so with `hn_lr = 1` its step moves a client's generated
 weights by at most the client's delta along any direction, at every chunk
 count: without it a ViT-S-sized step overshoots the delta many times over.
 """
@@ -124,8 +125,9 @@ class ChunkedHypernetwork(nn.Module):
             layers += [nn.ReLU(), nn.Linear(hidden_dim, hidden_dim)]
         self.body = nn.Sequential(*layers)
         self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, hidden_dim))
-        self.generator = nn.Linear(hidden_dim, chunk_size)
-        nn.init.zeros_(self.generator.bias)  # so `init_scale` scales the output exactly
+        # No bias: it would add one pattern to every chunk, which the base already covers, and its
+        # step would move all chunks at once (a Jacobian eigenvalue of num_chunks).
+        self.generator = nn.Linear(hidden_dim, chunk_size, bias=False)
         self.base = nn.Parameter(torch.zeros(self.num_generated))  # the shared part, all targets flattened
 
     def deviation(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -194,15 +196,17 @@ def vector_jacobian(
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
-def top_step_eigenvalue(hn: ChunkedHypernetwork, client: int = 0, iterations: int = 20) -> float:
+def top_step_eigenvalue(
+    hn: ChunkedHypernetwork, inputs: Sequence[torch.Tensor], client: int = 0, iterations: int = 20
+) -> float:
     """The largest eigenvalue of `J J^T`, J the Jacobian of client `client`'s deviation
-    with respect to the hypernetwork and its embedding row (by power iteration).
+    with respect to `inputs` (parameters of `hn`), by power iteration.
 
     An SGD step of size `lr` along `J^T delta` moves the deviation by
     `lr J J^T delta`; dividing `lr` by this eigenvalue bounds that move by
     `||delta||` along every direction.
     """
-    inputs = [*hn.hypernetwork_parameters(), hn.embeddings.weight]
+    inputs = list(inputs)
     with torch.enable_grad():
         out = hn.deviation(hn.embeddings.weight[client])
         probe = torch.zeros_like(out, requires_grad=True)
@@ -344,7 +348,8 @@ class PFedHN(Method):
         self.targets = self._select_targets(model, shared)
         super().server_init(model, {n: t for n, t in shared.items() if n not in set(self.targets)}, num_clients)
         initial = {n: shared[n].detach().float() for n in self.targets}
-        rms = math.sqrt(sum(float(t.square().sum()) for t in initial.values()) / sum(t.numel() for t in initial.values()))
+        size = sum(t.numel() for t in initial.values())
+        rms = math.sqrt(sum(float(t.square().sum()) for t in initial.values()) / size)
         self.hn = ChunkedHypernetwork(
             num_clients, {n: shared[n].shape for n in self.targets},
             embed_dim=opts.embed_dim or 1 + num_clients // 4, hidden_dim=opts.hidden_dim,
@@ -352,13 +357,14 @@ class PFedHN(Method):
         ).to(next(iter(initial.values())).device)
         self.hn.init_scale(opts.init_deviation * rms)
         self.hn.set_base(initial)
-        self.step_eigenvalue = top_step_eigenvalue(self.hn)
+        hn = self.hn
+        self.step_eigenvalue = top_step_eigenvalue(hn, [*hn.hypernetwork_parameters(), hn.embeddings.weight])
         scale = 1 / self.step_eigenvalue if self.step_eigenvalue > 0 else 1.0
         common = {"momentum": opts.momentum, "weight_decay": opts.weight_decay}
-        self.base_optimizer = torch.optim.SGD([self.hn.base], lr=opts.base_lr)
-        self.hn_optimizer = torch.optim.SGD(self.hn.hypernetwork_parameters(), lr=opts.hn_lr * scale, **common)
+        self.base_optimizer = torch.optim.SGD([hn.base], lr=opts.base_lr)
+        self.hn_optimizer = torch.optim.SGD(hn.hypernetwork_parameters(), lr=opts.hn_lr * scale, **common)
         self.embed_optimizer = torch.optim.SGD(
-            [self.hn.embeddings.weight], lr=(opts.embed_lr or opts.hn_lr) * scale, **common
+            [hn.embeddings.weight], lr=(opts.embed_lr or opts.hn_lr) * scale, **common
         )
 
     def _select_targets(self, model: nn.Module, shared: Mapping[str, torch.Tensor]) -> list[str]:

@@ -56,7 +56,7 @@ def test_the_global_view_is_logged_only_where_the_server_holds_one_model():
     fedavg = Simulation(tiny_config("fedavg", "train.rounds=1")).run().history[-1]
     # FedAvg's personalized model is the global one: both views agree exactly.
     assert fedavg["global_test_acc_mean"] == fedavg["test_acc_mean"]
-    for method in ("fedper", "local", "pfedhn"):
+    for method in ("fedper", "fedbn", "local", "pfedhn"):
         metrics = Simulation(tiny_config(method, "train.rounds=1")).run().history[-1]
         assert "global_test_acc_mean" not in metrics, method
 

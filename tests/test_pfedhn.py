@@ -190,7 +190,7 @@ def test_hypernetwork_grows_only_by_chunk_embeddings():
     embed, n_hidden, chunk = 3, 1, 96
     body = embed * hidden + hidden + n_hidden * (hidden * hidden + hidden)
     info = large.method.run_info()
-    assert info["hn_parameters"] == body + hidden * chunk + chunk + chunks[1] * hidden
+    assert info["hn_parameters"] == body + hidden * chunk + chunks[1] * hidden  # the generator has no bias
     assert info["hn_chunks"] == chunks[1]
     assert info["hn_client_embedding_parameters"] == embed * large.data.num_clients
     # The base is one value per generated value, counted apart from the hypernetwork.
@@ -240,6 +240,20 @@ def test_the_base_takes_fedavgs_step():
         for u in updates
     )
     assert torch.allclose(hn.base.detach(), before + step, atol=1e-6)
+
+
+def test_the_hypernetworks_own_step_never_overshoots_the_delta():
+    # The base frozen (a negligible step): what remains is the hypernetwork's move, lr J J^T delta / lambda_max.
+    sim = small_sim("method.base_lr=1e-12", "method.hn_lr=1", "method.momentum=0", "method.weight_decay=0",
+                    "method.max_grad_norm=0")
+    (update,) = synthetic_updates(sim, clients=(0,))
+    sim.method.aggregate([update])
+    new = sim.method.broadcast(0)
+    moved = torch.cat([(new[n] - update.sent[n]).flatten() for n in sim.method.targets])
+    delta = torch.cat([(update.params[n] - update.sent[n]).flatten() for n in sim.method.targets])
+    assert float(moved @ delta) > 0
+    assert 0.01 < float(moved.norm() / delta.norm()) <= 1.05  # power iteration may undershoot lambda a little
+    assert sim.method.run_info()["hn_step_eigenvalue"] == sim.method.step_eigenvalue > 0
 
 
 def _vit_s_targets(num_classes: int = 100) -> dict[str, tuple[int, ...]]:
