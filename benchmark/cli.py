@@ -398,8 +398,6 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
 
 
 def cmd_perf_together(args: argparse.Namespace) -> int:
-    import statistics
-
     import torch
 
     from .perf.together import measure

@@ -31,14 +31,20 @@ def _sim(method: str, *overrides: str, seed: int = 0) -> Simulation:
 
 
 def _recorded(sim: Simulation) -> list[list]:
+    """Each round's client updates, as the engine streams them to the method."""
     rounds: list[list] = []
-    inner = sim.method.aggregate
+    start, add = sim.method.start_aggregation, sim.method.add_update
 
-    def aggregate(updates):
-        rounds.append(list(updates))
-        inner(updates)
+    def start_aggregation(*args, **kwargs):
+        rounds.append([])
+        return start(*args, **kwargs)
 
-    sim.method.aggregate = aggregate
+    def add_update(update):
+        rounds[-1].append(update)
+        return add(update)
+
+    sim.method.start_aggregation = start_aggregation
+    sim.method.add_update = add_update
     return rounds
 
 
