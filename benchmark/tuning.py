@@ -55,6 +55,7 @@ CLAIM_SUFFIX = ".parent-claim"  # a study whose creation elects the worker that 
 DIVERGED_ATTR = "pflbench.diverged"
 WORKER_ATTR = "pflbench.worker"
 RUN_ATTR = "pflbench.run_id"
+OVER_ATTR = "pflbench.over_budget"  # a trial two workers started at once past --trials: closed unrun
 HEARTBEAT_SECONDS = 10  # RDB storage: a trial without a heartbeat for GRACE_SECONDS is stale
 GRACE_SECONDS = 60
 
@@ -192,7 +193,7 @@ def _counted(t: optuna.trial.FrozenTrial) -> bool:
 
     A WAITING trial (trial 0's defaults, a stale trial's retry) is not counted: it is run within the budget.
     """
-    if t.state == TrialState.WAITING:
+    if t.state == TrialState.WAITING or t.user_attrs.get(OVER_ATTR):
         return False
     return t.state != TrialState.FAIL or bool(t.user_attrs.get(DIVERGED_ATTR))
 
@@ -278,7 +279,8 @@ class TuneResult:
 
 def _rows(study: optuna.Study) -> list[TrialRow]:
     return [TrialRow(t.number, t.state.name, t.value, dict(t.params), str(t.user_attrs.get(WORKER_ATTR, "")),
-                     str(t.user_attrs.get(RUN_ATTR, ""))) for t in study.get_trials(deepcopy=False)]
+                     str(t.user_attrs.get(RUN_ATTR, ""))) for t in study.get_trials(deepcopy=False)
+            if not t.user_attrs.get(OVER_ATTR)]
 
 
 class _Report(Callback):
@@ -366,6 +368,13 @@ class _Study:
 
     def objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, _worker_id())
+        # Two workers may each start a trial when one was left: the budget goes by trial number, so
+        # the later one is closed at once, without training or an MLflow run, and not counted.
+        earlier = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number and _counted(t)]
+        if len(earlier) >= self.req.trials:
+            trial.set_user_attr(OVER_ATTR, True)
+            self.study.stop()
+            raise optuna.TrialPruned()
         params = suggest(trial, self.req.method, self.fixed)
         spec = self.req.spec.with_overrides(*(_as_override(k, v) for k, v in params.items()))
         cfg = spec.resolve(self.req.method, self.req.dataset)
