@@ -366,7 +366,7 @@ class Simulation:
         prefix = next(name for name, m in model.named_modules() if m is head) + "."
         self.load_client(clients[0])  # the shared body; heads are applied per client below
         model.eval()
-        for split in ("test", "val"):
+        for split in (s for s in ("test", "val") if s in self.eval_splits):  # tuning never reads "test"
             sizes = [self.data.num_samples(c, split) for c in clients]
             if not sum(sizes):
                 continue

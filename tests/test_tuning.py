@@ -66,13 +66,16 @@ def test_a_study_completes_then_a_rerun_tops_it_up(capsys, tracking_uri, tmp_pat
 
 def test_the_test_split_is_never_read_while_tuning(capsys, tracking_uri, monkeypatch):
     seen: list[str] = []
-    original = FederatedData.eval_batches
 
-    def spy(self, client, split, *args, **kwargs):
-        seen.append(split)
-        return original(self, client, split, *args, **kwargs)
+    def spying(original):
+        def spy(self, client, split, *args, **kwargs):
+            seen.append(split)
+            return original(self, client, split, *args, **kwargs)
+        return spy
 
-    monkeypatch.setattr(FederatedData, "eval_batches", spy)
+    # Evaluation reads a split either batch by batch or, body shared across clients, by its indices.
+    monkeypatch.setattr(FederatedData, "eval_batches", spying(FederatedData.eval_batches))
+    monkeypatch.setattr(FederatedData, "indices", spying(FederatedData.indices))
     code, out, err = _tune(capsys, "--trials", "2")
     assert code == 0, err
     assert seen and set(seen) == {"val"}
