@@ -404,16 +404,16 @@ def cmd_perf_together(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
 
-    def show(i: int, result) -> None:
+    def report(i: int, result) -> None:
         if not args.quiet:
-            console.print(f"repeat {i + 1}: sequential {result.sequential[-1]:8.1f} samples/s   together"
+            show.console.print(f"repeat {i + 1}: sequential {result.sequential[-1]:8.1f} samples/s   together"
                           f" {result.together[-1]:8.1f} samples/s   ratio {result.ratios[-1]:.3f}", highlight=False)
 
     from .resolve import RunSpec
 
     spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device=args.device, data_root=args.data_root)
     result = measure(spec, method=args.method, dataset=args.dataset, parallel=args.parallel, rounds=args.rounds,
-                     repeats=args.repeats, on_repeat=show)
+                     repeats=args.repeats, on_repeat=report)
     ratios = result.ratios
     print(f"{args.method}: sequential {statistics.median(result.sequential):.1f} samples/s, {result.parallel} clients"
           f" together {statistics.median(result.together):.1f} samples/s; ratio together / sequential"

@@ -162,16 +162,19 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if scheme not in ("postgresql", "mysql", "sqlite"):
         raise UserError(f"unknown storage scheme {scheme!r} in --storage; use postgresql://USER@HOST/DB, "
                         "sqlite:///PATH, or journal:///PATH (the default is a journal file beside the MLflow store)")
-    try:
-        return RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
-            heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
-    except Exception as err:  # sqlalchemy's OperationalError, a missing driver, a bad URL
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        safe = url.split("@")[-1] if "@" in url else url
-        raise UserError(f"cannot open study storage {scheme}://...{safe}: {first}") from None
+    # Workers starting together on a fresh database race to create Optuna's tables: the loser retries.
+    for attempt in range(3):
+        try:
+            return RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
+                heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+        except Exception as err:  # sqlalchemy's OperationalError, a missing driver, a bad URL
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            time.sleep(0.5 + attempt)
+    safe = url.split("@")[-1] if "@" in url else url
+    raise UserError(f"cannot open study storage {scheme}://...{safe}: {first}") from None
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from pflbench.benchmark.cli import main
 from pflbench.benchmark.tracking import find_runs, read_text_artifact
 

@@ -65,27 +65,32 @@ def test_a_study_completes_then_a_rerun_tops_it_up(capsys, tracking_uri, tmp_pat
 
 
 def test_the_test_split_is_never_read_while_tuning(capsys, tracking_uri, monkeypatch):
+    # Every way evaluation reads a split: batch by batch, or all of a client's indices at once.
     seen: list[str] = []
 
-    def spying(original):
-        def spy(self, client, split, *args, **kwargs):
-            seen.append(split)
-            return original(self, client, split, *args, **kwargs)
-        return spy
+    def spy_on(name):
+        original = getattr(FederatedData, name)
 
-    # Evaluation reads a split either batch by batch or, body shared across clients, by its indices.
-    monkeypatch.setattr(FederatedData, "eval_batches", spying(FederatedData.eval_batches))
-    monkeypatch.setattr(FederatedData, "indices", spying(FederatedData.indices))
+        def spy(self, client, split, *args, **kwargs):
+            if split != "train":
+                seen.append(split)
+            return original(self, client, split, *args, **kwargs)
+
+        monkeypatch.setattr(FederatedData, name, spy)
+
+    spy_on("eval_batches")
+    spy_on("indices")
     code, out, err = _tune(capsys, "--trials", "2")
     assert code == 0, err
     assert seen and set(seen) == {"val"}
     for run in find_runs(tracking_uri, "pflbench", stage="tune"):
         if "mlflow.parentRunId" in run.tags:
             assert "val_acc_mean" in run.metrics and not any(k.startswith("test_") for k in run.metrics)
-    # The same spy sees both splits in an ordinary run: it would have caught a test read.
-    seen.clear()
-    Simulation(tiny_config()).run()
-    assert set(seen) == {"val", "test"}
+    # The same spies see both splits in ordinary runs, down either evaluation path: they would catch a test read.
+    for method in ("fedavg", "fedbn"):  # a shared body evaluated at once; per-client models
+        seen.clear()
+        Simulation(tiny_config(method)).run()
+        assert set(seen) == {"val", "test"}, method
 
 
 def test_a_pruned_trial_ends_killed_and_tagged_not_failed(capsys, tracking_uri, monkeypatch):
