@@ -12,6 +12,7 @@ workers in the hot loop.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -127,7 +128,10 @@ class FederatedData:
         self.in_chans = images.images.shape[3]
         self.hflip = images.hflip
         self.augment = augment
-        host = torch.from_numpy(np.ascontiguousarray(images.images))
+        with warnings.catch_warnings():
+            # A cached dataset is a read-only memory map; nothing here writes to the images.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            host = torch.from_numpy(np.ascontiguousarray(images.images))
         if normalize == "fixed":  # the reference's transform: (x - 0.5) / 0.5
             mean, std = torch.full((self.in_chans,), 0.5), torch.full((self.in_chans,), 0.5)
         elif normalize == "train":

@@ -10,6 +10,8 @@ BENCH=${BENCH:-.venv/bin/bench}
 TRIALS=${TRIALS:-2}
 DATA_ROOT=${DATA_ROOT:-../shared/data}
 mkdir -p publish
+# `bench tune` writes STUDY.best_config.toml in the working directory; keep them with the store.
+keep_best() { mv -f ./*-publish.best_config.toml publish/ 2>/dev/null || true; }
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/publish/mlflow.db}
 METHODS="fedavg fedavg_ft fedbn fedper fedperfix fedrep local pfedhn"
 what=${1:-all}
@@ -20,6 +22,7 @@ if [[ $what == digits || $what == all ]]; then
     $BENCH tune --method "$m" --dataset digits --preset demo --set train.rounds=10 --set train.local_epochs=2 \
       --set train.eval_every=5 --trials "$TRIALS" --study "$m-digits-publish" --experiment leaderboard --quiet
   done
+  keep_best
   $BENCH sweep leaderboard/suites/digits.toml --quiet
 fi
 if [[ $what == cifar10 || $what == all ]]; then
@@ -30,6 +33,7 @@ if [[ $what == cifar10 || $what == all ]]; then
       --set train.rounds=2 --set train.eval_every=2 --set train.local_epochs=1 --set train.batch_size=64 --trials "$TRIALS" --study "$m-cifar10-publish" \
       --experiment leaderboard --quiet
   done
+  keep_best
   $BENCH sweep leaderboard/suites/cifar10.toml --data-root "$DATA_ROOT" --quiet
 fi
 if [[ ${2:-build} == build ]]; then
