@@ -125,6 +125,8 @@ def default_params(cfg: RunConfig, fixed: set[str]) -> dict[str, Any]:
             continue
         section, name = key.split(".", 1)
         value = getattr(getattr(cfg, section), name)
+        if isinstance(value, list):  # a list option is searched as its comma-joined form
+            value = ",".join(value)
         inside = value in spec if kind == "choices" else spec[0] <= value <= spec[1]
         if inside:
             out[key] = value

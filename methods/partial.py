@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
-from .base import Method, register
+from .base import Method, SearchTrial, register
+
+# The personal sets a tuning study chooses among: the head alone (FedPer's), and the head with one
+# kind of block part (attention is FedPerfix's finding; norms and MLPs are the alternatives).
+SEARCHED_PERSONAL_SETS = ("head.*", "blocks.*.attn.*,head.*", "blocks.*.norm*,head.*", "blocks.*.mlp.*,head.*")
 
 
 @dataclass
 class PartialOptions(MethodConfig):
     """Which state entries are personal."""
 
-    personal: list[str] = field(default_factory=list)  # glob patterns over entry names, e.g. blocks.*.attn.*,head.*
+    # Glob patterns over entry names, e.g. blocks.*.attn.*,head.*; the default is FedPer's head.
+    personal: list[str] = field(default_factory=lambda: ["head.*"])
 
     def validate(self) -> None:
         if not self.personal:
@@ -39,3 +45,8 @@ class Partial(Method):
                 raise UserError(f"method.personal pattern {pattern!r} matches no parameter; names look like: {shown}")
             chosen.update(matched)
         return chosen
+
+    @classmethod
+    def search_space(cls, trial: SearchTrial) -> dict[str, Any]:
+        """Which part of the model stays personal, among `SEARCHED_PERSONAL_SETS`."""
+        return {"method.personal": trial.suggest_categorical("method.personal", list(SEARCHED_PERSONAL_SETS))}

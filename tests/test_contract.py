@@ -19,7 +19,7 @@ from pflbench.methods.aggregation import state_bytes
 from conftest import tiny_config
 
 NEEDS = {
-    "partial": ["method.personal=blocks.1.*,head.*"],  # no default: the user names the personal entries
+    "partial": ["method.personal=blocks.1.*,head.*"],  # more than its default head, to test a block
     "fedperfix": ["method.mid_dim=8"],
     "pfedhn": ["method.hidden_dim=8", "method.n_hidden=1", "method.chunk_size=96", "method.embed_dim=3"],
 }
@@ -134,7 +134,8 @@ def test_the_search_space_resolves_to_valid_config_keys(method, high):
     assert all(key.startswith("method.") for key in space)
     cfg = tiny_config(method, *NEEDS.get(method, []), *(f"{k}={v}" for k, v in space.items()))
     for key, value in space.items():
-        assert getattr(cfg.method, key.split(".", 1)[1]) == value
+        resolved = getattr(cfg.method, key.split(".", 1)[1])
+        assert (",".join(resolved) if isinstance(resolved, list) else resolved) == value
 
 
 def test_methods_never_import_optuna():

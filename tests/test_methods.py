@@ -17,6 +17,7 @@ from pflbench.benchmark.models import load_weights
 from pflbench.methods import METHODS
 from pflbench.methods.aggregation import state_bytes
 from pflbench.methods.fedperfix import FedPerfix, FedPerfixOptions, PrefixQKV
+from pflbench.methods.partial import SEARCHED_PERSONAL_SETS
 
 # Method -> overrides that keep it fast; each has a non-empty personal part.
 PERSONAL = {
@@ -271,6 +272,19 @@ def test_partial_takes_a_comma_list_of_globs():
     assert set(sim.personal_names) == attn | {"head.weight", "head.bias"}
 
 
+@pytest.mark.parametrize("patterns", SEARCHED_PERSONAL_SETS)
+def test_every_personal_set_tuning_searches_keeps_the_head_and_one_part_of_every_block(patterns):
+    sim = Simulation(tiny_config("partial", f"method.personal={patterns}"))
+    part = patterns.split(",")[0].split(".")[2] if "," in patterns else None  # attn, norm*, mlp
+    names = set(sim.model.state_dict())
+    expected = {"head.weight", "head.bias"}
+    if part is not None:
+        expected |= {n for n in names if n.startswith("blocks.") and n.split(".")[2].startswith(part.rstrip("*"))}
+        assert {int(n.split(".")[1]) for n in expected - {"head.weight", "head.bias"}} == set(range(sim.cfg.model.depth))
+    assert set(sim.personal_names) == expected
+    assert set(sim.method.global_state).isdisjoint(expected)
+
+
 def test_partial_pattern_matching_nothing_is_a_user_error_naming_it():
     with pytest.raises(UserError, match=r"'blocks\.\*\.atn\.\*' matches no parameter"):
         Simulation(tiny_config("partial", "method.personal=head.*,blocks.*.atn.*"))
@@ -278,7 +292,7 @@ def test_partial_pattern_matching_nothing_is_a_user_error_naming_it():
 
 def test_partial_without_patterns_is_a_user_error():
     with pytest.raises(UserError, match="method.personal is empty"):
-        tiny_config("partial")
+        tiny_config("partial", "method.personal=")
 
 
 @pytest.mark.parametrize("key,value", [
@@ -323,10 +337,3 @@ def test_fedrep_and_fedperfix_search_spaces():
     assert 256 in trial.calls[0][2] and trial.calls[1][2] <= 1.5 <= trial.calls[1][3]  # the reference values
 
 
-@pytest.mark.parametrize("method", ["fedavg", "local", "fedper", "fedrep", "fedbn", "fedperfix", "partial"])
-def test_every_suggestion_is_a_valid_config_key(method):
-    space = METHODS.get(method).search_space(FakeTrial())
-    extra = ["method.personal=head.*"] if method == "partial" else []
-    cfg = tiny_config(method, *extra, *(f"{k}={v}" for k, v in space.items()))
-    for key, value in space.items():
-        assert getattr(cfg.method, key.split(".", 1)[1]) == value

@@ -34,13 +34,9 @@ def test_unknown_name_lists_choices():
     assert reg.names("a*") == ["a"]
 
 
-# Options some methods need to run at all on the tiny model.
-_RUN_OPTIONS = {"partial": ["method.personal=head.*"]}
-
-
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_runs_two_rounds(name):
-    sim = Simulation(tiny_config(name, *_RUN_OPTIONS.get(name, [])))
+    sim = Simulation(tiny_config(name))
     result = sim.run()
     assert len(result.history) == 2
     for key in METRIC_NAMES:

@@ -183,6 +183,13 @@ def test_default_trial_lies_inside_the_search_space():
     assert {"train.lr", "train.local_epochs", "method.mid_dim", "method.scale"} <= set(keys)
 
 
+def test_a_list_option_default_is_enqueued_in_its_searched_form():
+    defaults = tuning.default_params(tiny_config("partial"), fixed=set())
+    assert defaults["method.personal"] == "head.*"  # the default, as the search space spells it
+    outside = tuning.default_params(tiny_config("partial", "method.personal=blocks.0.*"), fixed=set())
+    assert "method.personal" not in outside  # not among the choices: left to the sampler
+
+
 def test_a_dead_local_workers_trial_is_failed_and_replaced_on_rerun(capsys, tracking_uri, tmp_path):
     import socket
 
