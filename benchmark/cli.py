@@ -477,32 +477,31 @@ def cmd_perf_gpu(args: argparse.Namespace) -> int:
 def _add_perf(sub) -> None:
     p = sub.add_parser("perf", help="benchmarks of the engine itself (not tests)")
     perf = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_Parser)
-    o = perf.add_parser("overhead", help="samples/s through the engine vs a tight training loop, and their ratio")
-    o.add_argument("--dataset", default="digits", help="dataset name (default digits, bundled)")
-    o.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
+    def timed(name: str, help: str, repeats: str, quiet: str) -> argparse.ArgumentParser:
+        """A timing benchmark's parser with the options every one of them takes."""
+        b = perf.add_parser(name, help=help)
+        b.add_argument("--dataset", default="digits", help="dataset name (default digits, bundled)")
+        b.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
+        b.add_argument("--repeats", type=_positive_int, default=3, help=f"alternating repeats; {repeats} (default 3)")
+        b.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
+        b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+        b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting of the benchmarked run")
+        b.add_argument("--quiet", action="store_true", help=f"print only the {quiet} line")
+        return b
+
+    o = timed("overhead", "samples/s through the engine vs a tight training loop, and their ratio",
+              "medians are reported", "ratio")
     o.add_argument("--clients", type=_positive_int, default=4, help="FedAvg clients, all trained every round (default 4)")
     o.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds = tight-loop epochs (default 3)")
-    o.add_argument("--repeats", type=_positive_int, default=3, help="alternating repeats; medians are reported (default 3)")
-    o.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
-    o.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    o.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting of the benchmarked run")
-    o.add_argument("--quiet", action="store_true", help="print only the ratio line")
     o.set_defaults(func=cmd_perf_overhead)
 
-    t = perf.add_parser("together", help="samples/s of a round's clients trained together vs one after another")
+    t = timed("together", "samples/s of a round's clients trained together vs one after another",
+              "ratio per repeat", "summary")
     t.add_argument("--method", default="fedavg", help="method (default fedavg)")
-    t.add_argument("--dataset", default="digits", help="dataset name (default digits, bundled)")
     t.add_argument("--preset", help="preset (default: the dataset's own)")
-    t.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
     t.add_argument("--parallel", type=int, default=0, help="clients trained together; 0 = a whole round (default)")
     t.add_argument("--rounds", type=int, default=1, help="timed rounds per side and repeat (default 1)")
-    t.add_argument("--repeats", type=int, default=3, help="alternating repeats; ratio per repeat (default 3)")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    t.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting of the benchmarked run")
-    t.add_argument("--quiet", action="store_true", help="print only the summary line")
     t.set_defaults(func=cmd_perf_together)
 
     m = perf.add_parser("memory", help="peak memory with few vs many clients, each measured in its own process")

@@ -25,6 +25,24 @@ def tiny_config(method: str = "fedavg", *overrides: str, dataset: str = "digits"
     return resolve_config(method, dataset, preset="smoke", overrides=[*TINY, *overrides], seed=seed, device="cpu")
 
 
+def recorded_updates(sim) -> list[list]:
+    """Each round's client updates, kept as the engine streams them to the method's aggregation."""
+    rounds: list[list] = []
+    start, add = sim.method.start_aggregation, sim.method.add_update
+
+    def start_aggregation(*args, **kwargs):
+        rounds.append([])
+        return start(*args, **kwargs)
+
+    def add_update(update):
+        rounds[-1].append(update)
+        return add(update)
+
+    sim.method.start_aggregation = start_aggregation
+    sim.method.add_update = add_update
+    return rounds
+
+
 @pytest.fixture(scope="session")
 def migrated_store(tmp_path_factory):
     """An empty MLflow sqlite store, created and migrated once per session (that takes seconds)."""

@@ -11,31 +11,13 @@ import torch.nn.functional as F
 from pflbench.benchmark.engine import FINETUNE_STREAM, Simulation
 from pflbench.benchmark.errors import UserError
 
-from conftest import tiny_config
-
-
-def _recorded(sim: Simulation) -> list[list]:
-    """Keep each round's client updates as the method aggregates them (one by one, as they arrive)."""
-    rounds: list[list] = []
-    start, add = sim.method.start_aggregation, sim.method.add_update
-
-    def start_aggregation():
-        rounds.append([])
-        start()
-
-    def add_update(update):
-        rounds[-1].append(update)
-        add(update)
-
-    sim.method.start_aggregation = start_aggregation
-    sim.method.add_update = add_update
-    return rounds
+from conftest import recorded_updates, tiny_config
 
 
 def test_rounds_record_trained_and_forwarded_samples():
     sim = Simulation(tiny_config("fedavg", "train.rounds=2", "train.eval_every=2", "train.local_epochs=2",
                                  "train.sample_fraction=0.5"))
-    rounds = _recorded(sim)
+    rounds = recorded_updates(sim)
     history = sim.run().history
     for metrics, updates in zip(history, rounds):
         assert metrics["train_samples"] == sum(2 * sim.data.num_samples(u.client) for u in updates)
@@ -106,7 +88,7 @@ def test_fedavg_ft_rejects_a_budget_of_zero():
 def test_after_local_evaluates_the_sampled_clients_as_local_training_left_them():
     sim = Simulation(tiny_config("fedavg", "train.rounds=2", "train.sample_fraction=0.5",
                                  "train.eval_timing=after-local"))
-    rounds = _recorded(sim)
+    rounds = recorded_updates(sim)
     result = sim.run()
     sampled = {u.client for u in rounds[-1]}
     assert {c for c in range(sim.data.num_clients) if result.final.test_count[c] > 0} == sampled

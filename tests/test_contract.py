@@ -16,7 +16,7 @@ from pflbench.benchmark.engine import Simulation
 from pflbench.methods import METHODS
 from pflbench.methods.aggregation import state_bytes
 
-from conftest import tiny_config
+from conftest import recorded_updates, tiny_config
 
 NEEDS = {
     "partial": ["method.personal=blocks.1.*,head.*"],  # more than its default head, to test a block
@@ -28,24 +28,6 @@ ALL = sorted(METHODS.names())
 
 def _sim(method: str, *overrides: str, seed: int = 0) -> Simulation:
     return Simulation(tiny_config(method, *NEEDS.get(method, []), "train.sample_fraction=0.5", *overrides, seed=seed))
-
-
-def _recorded(sim: Simulation) -> list[list]:
-    """Each round's client updates, as the engine streams them to the method."""
-    rounds: list[list] = []
-    start, add = sim.method.start_aggregation, sim.method.add_update
-
-    def start_aggregation(*args, **kwargs):
-        rounds.append([])
-        return start(*args, **kwargs)
-
-    def add_update(update):
-        rounds[-1].append(update)
-        return add(update)
-
-    sim.method.start_aggregation = start_aggregation
-    sim.method.add_update = add_update
-    return rounds
 
 
 class FakeTrial:
@@ -75,7 +57,7 @@ def test_the_registry_holds_the_methods_under_test():
 @pytest.mark.parametrize("method", ALL)
 def test_personal_entries_never_reach_the_server(method):
     sim = _sim(method)
-    rounds = _recorded(sim)
+    rounds = recorded_updates(sim)
     sim.run()
     personal = set(sim.personal_names)
     assert not personal & set(sim.method.global_state)
@@ -102,7 +84,7 @@ def test_a_loaded_client_holds_exactly_the_broadcast_and_its_own_personal_state(
 @pytest.mark.parametrize("method", ALL)
 def test_bytes_are_the_tensors_exchanged(method):
     sim = _sim(method, "train.rounds=1")
-    rounds = _recorded(sim)
+    rounds = recorded_updates(sim)
     metrics = sim.run().history[0]
     (updates,) = rounds
     assert metrics["bytes_down"] == sum(state_bytes(u.sent) for u in updates)

@@ -7,7 +7,7 @@ import math
 import mlflow
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import recorded_updates, tiny_config
 
 from pflbench.benchmark.resolve import resolve_config
 from pflbench.benchmark.engine import Simulation
@@ -43,24 +43,6 @@ def synthetic_updates(sim: Simulation, clients=(0, 2, 3)) -> list[ClientUpdate]:
         params = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in sent.items()}
         updates.append(ClientUpdate(client, 10 * (i + 1), sent, params))
     return updates
-
-
-def recorded_updates(sim: Simulation) -> list[list[ClientUpdate]]:
-    """Wrap the method's streaming aggregation so each round's updates are kept for inspection."""
-    rounds: list[list[ClientUpdate]] = []
-    start, add = sim.method.start_aggregation, sim.method.add_update
-
-    def start_aggregation():
-        rounds.append([])
-        start()
-
-    def add_update(update):
-        rounds[-1].append(update)
-        add(update)
-
-    sim.method.start_aggregation = start_aggregation
-    sim.method.add_update = add_update
-    return rounds
 
 
 def test_generated_tensors_match_the_targets_by_name_and_shape():
