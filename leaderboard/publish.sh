@@ -2,12 +2,12 @@
 # Regenerates the published leaderboard in leaderboard/: every method tuned with the same budget on
 # validation data, then 3 seeds of its best config on the test split, then the page.
 #   leaderboard/publish.sh [digits|cifar10|all] [build]
-# TRIALS (default 4: the defaults + 3 TPE draws), WORKERS (default 2 processes), DATA_ROOT (holds
+# TRIALS (default 3: the defaults + 2 TPE draws), WORKERS (default 2 processes), DATA_ROOT (holds
 # cifar10-jpeg/) and MLFLOW_TRACKING_URI (default: publish/mlflow.db in the working directory) may be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH=${BENCH:-.venv/bin/bench}
-TRIALS=${TRIALS:-4}
+TRIALS=${TRIALS:-3}
 WORKERS=${WORKERS:-2}
 DATA_ROOT=${DATA_ROOT:-../shared/data}
 mkdir -p publish
