@@ -179,7 +179,8 @@ def describe_setting(params: dict[str, str]) -> str:
     model = p("model.name", "vit")
     arch = (f"ViT {p('model.embed_dim')}x{p('model.depth')} patch {p('model.patch_size')}" if model == "vit"
             else model)
-    return (f"{partition}{detail}, {p('data.num_clients')} clients ({float(p('train.sample_fraction', '1')):.0%}"
+    folder = f"images of {p('dataset.folder')}/, " if p("dataset.folder") else ""  # which image folder
+    return (f"{folder}{partition}{detail}, {p('data.num_clients')} clients ({float(p('train.sample_fraction', '1')):.0%}"
             f" a round), {p('train.rounds')} rounds, {arch} at {size_text}, protocol {p('data.protocol')}")
 
 

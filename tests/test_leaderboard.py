@@ -215,3 +215,17 @@ def test_bench_leaderboard_from_a_sweep(capsys, tracking_uri, tmp_path):
 
     for run in find_runs(tracking_uri, "pflbench", stage="final"):
         assert run.run_id in text and run.run_id in csv_text  # every cell traces to its runs
+
+
+def test_the_setting_line_names_the_image_folder_and_not_where_it_lies():
+    from pflbench.leaderboard.build import describe_setting, setting_hash
+
+    params = {"data.partition": "dirichlet", "data.alpha": "0.1", "data.num_clients": "20", "data.protocol": "pool",
+              "train.sample_fraction": "0.25", "train.rounds": "20", "model.name": "vit", "model.image_size": "16",
+              "model.embed_dim": "96", "model.depth": "4", "model.patch_size": "4", "dataset.folder": "cifar10-jpeg",
+              "dataset.root": "/data"}
+    line = describe_setting(params)
+    assert line.startswith("images of cifar10-jpeg/, dirichlet alpha=0.1, 20 clients (25% a round), 20 rounds")
+    assert "/data" not in line
+    assert setting_hash(params) == setting_hash({**params, "dataset.root": "/elsewhere"})
+    assert setting_hash(params) != setting_hash({**params, "dataset.folder": "cifar100-jpeg"})
