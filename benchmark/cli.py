@@ -7,6 +7,7 @@ Exit status: 0 success, 2 a user error (one line on stderr, no traceback),
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import statistics
@@ -35,6 +36,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -422,6 +433,21 @@ def cmd_perf_together(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perf_pfedhn_step(args: argparse.Namespace) -> int:
+    from .perf.pfedhn_step import measure
+    from .resolve import RunSpec
+
+    spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device="cpu")
+    for r in measure(spec, args.dataset, args.classes, scale=args.scale,
+                     say=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True))):
+        print(f"{args.preset or args.dataset} {r.mode}: {r.clients} clients a round, {r.chunks} chunks,"
+              f" {r.generated:,} generated values, hypernetwork {r.hn_parameters:,} parameters")
+        print(f"  whole move vs the client's change: cosine {r.cosine:.3f}, size {r.size_ratio:.3f}x")
+        print(f"  hypernetwork's part vs the client's residual: cosine {r.deviation_cosine:.3f},"
+              f" size {r.deviation_size_ratio:.3f}x")
+    return 0
+
+
 def cmd_perf_memory(args: argparse.Namespace) -> int:
     from ..methods import METHODS
     from .perf.memory import measure
@@ -512,6 +538,16 @@ def _add_perf(sub) -> None:
                    help="override one setting of the measured runs")
     m.add_argument("--quiet", action="store_true", help="print only the summary lines")
     m.set_defaults(func=cmd_perf_memory)
+
+    h = perf.add_parser("pfedhn-step", help="how one pFedHN server step moves each client's generated weights")
+    h.add_argument("--dataset", default="imagefolder", help="dataset whose preset is built (default imagefolder)")
+    h.add_argument("--preset", default="cpu-cifar10", help="preset giving the model and clients (default cpu-cifar10)")
+    h.add_argument("--classes", type=_positive_int, default=10, help="classifier outputs (default 10)")
+    h.add_argument("--scale", type=_positive_float, default=1e-3, help="std of the clients' random changes (1e-3)")
+    h.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting (after the plain step's hn_lr=1, no momentum/decay/clipping)")
+    h.add_argument("--quiet", action="store_true", help="print only the results")
+    h.set_defaults(func=cmd_perf_pfedhn_step)
 
     g = perf.add_parser("gpu", help="paper-scale throughput on one GPU: tight loop vs engine, clients together,"
                                     " a paper-cifar100 round and the whole run extrapolated")

@@ -49,3 +49,33 @@ def test_together_benchmark_runs_tiny(capsys):
     assert main(["perf", "together", "--preset", "smoke", "--repeats", "1", "--threads", "1", "--quiet", *tiny]) == 0
     line = capsys.readouterr().out
     assert re.search(r"fedavg: sequential [\d.]+ samples/s, 4 clients together [\d.]+ samples/s; ratio", line)
+
+
+TINY_PFEDHN = ["model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2", "data.num_clients=8",
+               "train.sample_fraction=0.5", "method.hidden_dim=8", "method.chunk_size=64"]
+
+
+def test_pfedhn_step_splits_the_move_into_the_bases_mean_and_the_hypernetworks_part():
+    from pflbench.benchmark.perf.pfedhn_step import measure as step
+    from pflbench.benchmark.resolve import RunSpec
+
+    # With the hypernetwork frozen (a vanishing hn_lr) the move is the base's alone: the round's mean
+    # change, whose cosine with each of K independent changes is about 1/sqrt(K).
+    frozen = RunSpec(preset="smoke", overrides=(*TINY_PFEDHN, "method.hn_lr=1e-12", "method.embed_lr=1e-12"))
+    independent, correlated = step(frozen, "digits", 10)
+    assert independent.clients == 4 and independent.generated > independent.chunks * 64 - 64
+    assert abs(independent.cosine - 0.5) < 0.05 and abs(independent.size_ratio - 0.5) < 0.05
+    assert correlated.cosine > independent.cosine + 0.2  # the shared half survives the mean
+    assert independent.deviation_size_ratio < 1e-6
+    # The plain step moves the hypernetwork's part too; the whole move still points at the change.
+    live = step(RunSpec(preset="smoke", overrides=tuple(TINY_PFEDHN)), "digits", 10)[0]
+    assert live.deviation_size_ratio > 1e-3 and live.cosine > 0
+
+
+def test_pfedhn_step_command_prints_both_figures(capsys):
+    argv = ["perf", "pfedhn-step", "--dataset", "digits", "--preset", "smoke", "--quiet"]
+    assert main([*argv, *(a for s in TINY_PFEDHN for a in ("--set", s))]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"whole move vs the client's change: cosine -?[\d.]+, size [\d.]+x", out)) == 2
+    assert len(re.findall(r"hypernetwork's part vs the client's residual: cosine -?[\d.]+, size [\d.]+x", out)) == 2
+    assert main(["perf", "pfedhn-step", "--scale", "0"]) == 2
