@@ -21,8 +21,7 @@ SEARCHED_PERSONAL_SETS = ("head.*", "blocks.*.attn.*,head.*", "blocks.*.norm*,he
 class PartialOptions(MethodConfig):
     """Which state entries are personal."""
 
-    # Glob patterns over entry names, e.g. blocks.*.attn.*,head.*; the default is FedPer's head.
-    personal: list[str] = field(default_factory=lambda: ["head.*"])
+    personal: list[str] = field(default_factory=lambda: ["head.*"])  # glob patterns, e.g. blocks.*.attn.*,head.*
 
     def validate(self) -> None:
         if not self.personal:
