@@ -503,9 +503,10 @@ def cmd_perf_gpu(args: argparse.Namespace) -> int:
 def _add_perf(sub) -> None:
     p = sub.add_parser("perf", help="benchmarks of the engine itself (not tests)")
     perf = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_Parser)
-    def timed(name: str, help: str, repeats: str, quiet: str) -> argparse.ArgumentParser:
+
+    def timed(name: str, summary: str, repeats: str, quiet: str) -> argparse.ArgumentParser:
         """A timing benchmark's parser with the options every one of them takes."""
-        b = perf.add_parser(name, help=help)
+        b = perf.add_parser(name, help=summary)
         b.add_argument("--dataset", default="digits", help="dataset name (default digits, bundled)")
         b.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
         b.add_argument("--repeats", type=_positive_int, default=3, help=f"alternating repeats; {repeats} (default 3)")
