@@ -592,6 +592,13 @@ def find_runs(tracking_uri: str | None, experiment: str, *, stage: str | None = 
             return out
 
 
+def metric_mean(tracking_uri: str | None, run_id: str, key: str) -> float:
+    """The mean of a run's metric over every step it was logged at (NaN when it never was)."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    values = [m.value for m in client.get_metric_history(run_id, key)]
+    return sum(values) / len(values) if values else math.nan
+
+
 def read_text_artifact(tracking_uri: str | None, run_id: str, name: str) -> str | None:
     """The text of artifact `name` of a run; None when the run has no such artifact."""
     client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())

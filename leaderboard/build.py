@@ -40,7 +40,7 @@ PAPER_SETTINGS = (
 )
 COLUMNS = ("dataset", "setting_hash", "setting", "method", "status", "n", "seeds", "test_acc_mean", "ci_low",
            "ci_high", "test_acc_weighted", "client_acc_std", "worst10_acc", "novel_test_acc_mean",
-           "bytes_up_per_round", "train_seconds", "diff_vs_best", "diff_low", "diff_high", "vs_best", "run_ids")
+           "bytes_up_per_round", "train_samples_per_round", "train_seconds", "diff_vs_best", "diff_low", "diff_high", "vs_best", "run_ids")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class RunRow:
     client_acc: list[float]  # per-client personalized test accuracy (client_accuracy.csv)
     version: str = ""
     commit: str = ""
+    train_samples_per_round: float = math.nan  # mean over the rounds of `train_samples`, fine-tuning included
 
     @property
     def seconds(self) -> float:
@@ -77,6 +78,7 @@ class Cell:
     worst: float = math.nan
     novel: float = math.nan
     bytes_up: float = math.nan
+    train_samples: float = math.nan  # per round
     seconds: float = math.nan
     diff: stats.Interval | None = None  # paired difference to the best method (None for the best)
     verdict: str = ""  # best | not distinguishable | worse | better | too few seeds | pending
@@ -118,7 +120,7 @@ class Cell:
 
     @property
     def bytes_text(self) -> str:
-        return "" if math.isnan(self.bytes_up) else f"{self.bytes_up:,.0f}"
+        return _count(self.bytes_up)
 
 
 @dataclass
@@ -148,6 +150,10 @@ class Board:
     versions: list[str]
     commits: list[str]
     budget: str = ""
+
+
+def _count(value: float) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:,.0f}"
 
 
 def _num(value: float, digits: int) -> str:
@@ -199,6 +205,7 @@ def _cell(method: str, runs: Sequence[RunRow]) -> Cell:
     cell.worst = mean([f[1] for f in fair])
     cell.novel = mean([r.metrics.get("novel_test_acc_mean", math.nan) for r in kept])
     cell.bytes_up = mean([r.metrics.get("bytes_up", math.nan) for r in kept])
+    cell.train_samples = mean([r.train_samples_per_round for r in kept])
     cell.seconds = mean([r.seconds for r in kept])
     if dropped:
         by_seed: dict[int, int] = {}
@@ -275,7 +282,7 @@ def parse_client_accuracy(text: str | None) -> list[float]:
 
 def collect(tracking_uri: str | None, experiment: str, stage: str = "final") -> list[RunRow]:
     """The finished runs of `stage` in `experiment`, with their per-client accuracy."""
-    from ..benchmark.tracking import experiment_exists, find_runs, read_text_artifact
+    from ..benchmark.tracking import experiment_exists, find_runs, metric_mean, read_text_artifact
 
     if not experiment_exists(tracking_uri, experiment):
         raise UserError(f"no MLflow experiment {experiment!r} in the tracking store; "
@@ -292,6 +299,7 @@ def collect(tracking_uri: str | None, experiment: str, stage: str = "final") -> 
             int(tags.get("pflbench.seed", "0")), r.start_time, r.end_time, r.params, r.metrics,
             parse_client_accuracy(read_text_artifact(tracking_uri, r.run_id, "client_accuracy.csv")),
             tags.get("pflbench.version", ""), tags.get("pflbench.git_commit", ""),
+            metric_mean(tracking_uri, r.run_id, "train_samples"),
         ))
     return rows
 
@@ -312,6 +320,7 @@ def _csv_rows(board: Board) -> list[dict[str, str]]:
                 "ci_low": _num(c.acc.lo, 6), "ci_high": _num(c.acc.hi, 6), "test_acc_weighted": _num(c.weighted, 6),
                 "client_acc_std": _num(c.std, 6), "worst10_acc": _num(c.worst, 6),
                 "novel_test_acc_mean": _num(c.novel, 6), "bytes_up_per_round": _num(c.bytes_up, 0),
+                "train_samples_per_round": _num(c.train_samples, 1),
                 "train_seconds": _num(c.seconds, 1), "diff_vs_best": _num(d.mean, 6) if d else "",
                 "diff_low": _num(d.lo, 6) if d else "", "diff_high": _num(d.hi, 6) if d else "",
                 "vs_best": "" if c.verdict == "pending" else c.verdict, "run_ids": " ".join(c.run_ids),
@@ -329,14 +338,14 @@ def results_csv(board: Board) -> str:
 
 
 TABLE_HEAD = ("method", "n", "test_acc_mean ± 95% CI", "vs best (paired 95% CI)", "weighted", "client std",
-              "worst 10%", "novel", "bytes up/round", "train s")
+              "worst 10%", "novel", "bytes up/round", "train samples/round", "train s")
 
 
 def _table_cells(c: Cell) -> list[str]:
     if c.verdict == "pending":
-        return [c.method, "0", c.pending_text, "", "", "", "", "", "", ""]
+        return [c.method, "0", c.pending_text, "", "", "", "", "", "", "", ""]
     return [c.method, str(c.n), c.acc_text, c.vs_best_text, _num(c.weighted, 4), _num(c.std, 4), c.worst_text,
-            _num(c.novel, 4), c.bytes_text, _num(c.seconds, 1)]
+            _num(c.novel, 4), c.bytes_text, _count(c.train_samples), _num(c.seconds, 1)]
 
 
 def _provenance(board: Board) -> list[str]:
@@ -351,7 +360,9 @@ def _provenance(board: Board) -> list[str]:
                  f"{stats.PAIRED_METHOD} (a seed fixes the partition for every method); ≈ = not distinguishable "
                  f"from the best (the interval contains 0), < = worse. Fairness from each run's client_accuracy.csv: "
                  f"std of per-client accuracy and the mean of the worst 10% of clients, averaged over seeds. "
-                 f"\"novel\": accuracy on held-out clients where the method reports it. Train s: wall time of a run.")
+                 f"\"novel\": accuracy on held-out clients where the method reports it. Train samples/round: "
+                 f"samples through a backward pass per round (fine-tuning included), mean over rounds and seeds: "
+                 f"the compute each method spent. Train s: wall time of a run.")
     return lines
 
 
@@ -442,7 +453,7 @@ tr.pending td { color: #888; }
 
 def _sort_value(c: Cell, i: int) -> str:
     numeric = [None, c.n, c.acc.mean, c.diff.mean if c.diff else (0.0 if c.verdict == "best" else None),
-               c.weighted, c.std, c.worst, c.novel, c.bytes_up, c.seconds]
+               c.weighted, c.std, c.worst, c.novel, c.bytes_up, c.train_samples, c.seconds]
     v = numeric[i]
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return c.method if i == 0 else ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 import re
@@ -92,7 +94,7 @@ def _run(i: int, method: str, seed: int, acc: float, *, start: int = 0, novel: f
     params = {**SETTING, "dataset.name": dataset, "method.name": method, "train.lr": lr, "seed": str(seed)}
     start_ms = 1_790_000_000_000 + 60_000 * i + start
     return RunRow(f"run{i:02d}{method}", method, dataset, seed, start_ms, start_ms + 30_000 + 1000 * i, params,
-                  metrics, [c + acc - 0.7 for c in clients], "0.1.0", "abc123")
+                  metrics, [c + acc - 0.7 for c in clients], "0.1.0", "abc123", 500.0 + 100 * len(method) + 10 * seed)
 
 
 def fixture_runs() -> list[RunRow]:
@@ -123,6 +125,7 @@ def test_board_groups_dedups_and_compares():
     verdicts = {c.method: c.verdict for c in digits.cells}
     assert verdicts == {"fedper": "best", "local": "not distinguishable", "fedavg": "worse", "fedbn": "worse"}
     assert next(c for c in digits.cells if c.method == "fedper").novel == 0.5
+    assert fedavg.train_samples == pytest.approx(1110.0)  # 500 + 100 * 6 + 10 * seed, over seeds 0-2
     other = next(s for s in board.sections if s.dataset == "other")
     assert [(c.method, c.verdict) for c in other.cells] == [  # methods not run there are rows, not gaps
         ("fedavg", "best"), ("fedbn", "pending"), ("fedper", "pending"), ("local", "pending")]
@@ -213,8 +216,22 @@ def test_bench_leaderboard_from_a_sweep(capsys, tracking_uri, tmp_path):
     assert len(csv_text.strip().splitlines()) == 3
     from pflbench.benchmark.tracking import find_runs
 
-    for run in find_runs(tracking_uri, "pflbench", stage="final"):
+    runs = find_runs(tracking_uri, "pflbench", stage="final")
+    for run in runs:
         assert run.run_id in text and run.run_id in csv_text  # every cell traces to its runs
+    # The compute column: each run's train_samples averaged over its rounds, then over seeds.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    rows = {row["method"]: row for row in csv.DictReader(io.StringIO(csv_text))}
+    for method in ("fedavg", "local"):
+        per_run = []
+        for run in (r for r in runs if r.tags["pflbench.method"] == method):
+            history = [m.value for m in client.get_metric_history(run.run_id, "train_samples")]
+            assert len(history) == 2  # logged every round
+            per_run.append(sum(history) / len(history))
+        assert float(rows[method]["train_samples_per_round"]) == pytest.approx(sum(per_run) / len(per_run), abs=0.05)
+        assert float(rows[method]["train_samples_per_round"]) > 0
 
 
 def test_the_setting_line_names_the_image_folder_and_not_where_it_lies():
