@@ -42,7 +42,7 @@ fi
 if [[ ${2:-build} == build ]]; then
   rm -f leaderboard/pareto-*.png  # plots of settings no longer published
   $BENCH leaderboard --experiment leaderboard --out leaderboard \
-    --budget "every method tuned with the same $TRIALS Optuna TPE trials on validation data (trial 0 = its defaults; lr, momentum, weight decay and, on digits, batch size, plus the method's own space), then 3 seeds (0, 1, 2) of its best config on the test split. digits: the demo preset cut to 10 rounds, 2 local epochs (not searched). CIFAR-10 (JPEG, image folder): trials on 5 of cpu-cifar10's 20 rounds, final runs on all 20; local epochs 1 and batch 64 (not searched). Run on a 2-core CPU."
+    --budget "every method tuned with the same $TRIALS Optuna TPE trials on validation data (trial 0 = its defaults; lr, momentum, weight decay and, on digits, batch size, plus the method's own space), then 3 seeds (0, 1, 2) of its best config on the test split. digits: the demo preset cut to 10 rounds, 2 local epochs (not searched). CIFAR-10 (JPEG, image folder): trials on 5 of cpu-cifar10's 20 rounds, final runs on all 20; local epochs 1 and batch 64 (not searched). Run on a 2-core CPU"
   # How a browser renders the page (headless Chromium), where one is installed.
   if command -v chromium >/dev/null; then
     chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,2600 \
