@@ -109,9 +109,10 @@ class PersonalStore:
 class _ClientContext:
     """The `LocalContext` of one client's update; `train_epochs` is the one batch loop."""
 
-    def __init__(self, sim: Simulation, client: int, round_index: int, stream: int = 0):
+    def __init__(self, sim: Simulation, client: int, round_index: int, stream: int = 0, final: bool = False):
         self.client = client
         self.round_index = round_index
+        self.final = final
         self.train: TrainConfig = sim.cfg.train
         self.data = sim.data
         self.device = sim.device
@@ -245,20 +246,26 @@ class ClientRunner:
             raise TrainingDiverged(round_index, client, loss)
 
     # -- one client ------------------------------------------------------------------
-    def train_client(self, client: int, round_index: int) -> tuple[ClientUpdate, TrainStats]:
-        """One client's local step: load its state, run its phases, read the shared part back."""
+    def run_phases(self, ctx: _ClientContext, phases: Sequence[Phase]) -> TrainStats:
+        """Run `phases` on the loaded model, each training only its own parameters; the loss is checked."""
         sim = self.sim
-        sent = self.load_client(client)
         sim.model.train()
-        ctx = _ClientContext(sim, client, round_index)
         named = dict(sim.model.named_parameters())
         stats = TrainStats(torch.zeros((), device=sim.device), 0)
-        for phase in sim.method.local_phases(sim.model, ctx):
+        for phase in phases:
             with _frozen_except(sim.model, phase.params):
                 stats = stats + ctx.train_epochs(
                     sim.forward_model, [named[n] for n in phase.params], phase.epochs, phase.forward
                 )
-        self._check_loss(client, round_index, stats.loss_sum)
+        self._check_loss(ctx.client, ctx.round_index, stats.loss_sum)
+        return stats
+
+    def train_client(self, client: int, round_index: int) -> tuple[ClientUpdate, TrainStats]:
+        """One client's local step: load its state, run its phases, read the shared part back."""
+        sim = self.sim
+        sent = self.load_client(client)
+        ctx = _ClientContext(sim, client, round_index)
+        stats = self.run_phases(ctx, sim.method.local_phases(sim.model, ctx))
         with torch.no_grad():
             params = {n: sim._entries[n].detach().clone() for n in sent}
         sim._personal.put(client, {n: sim._entries[n] for n in sim.personal_names})

@@ -40,7 +40,7 @@ from ..methods.aggregation import state_bytes
 from ..methods.structure import head_entries
 from .client import FINETUNE_STREAM, ClientRunner, PersonalStore, _ClientContext, resolve_parallel
 from .config import RunConfig
-from .errors import TrainingDiverged, UserError
+from .errors import UserError
 from .models import build_model
 
 METRIC_NAMES = (  # logged by every run, at the last round at least
@@ -81,7 +81,7 @@ class EvalResult:
     test_count: np.ndarray
     val_correct: np.ndarray
     val_count: np.ndarray
-    train_samples: int = 0  # samples trained on before evaluating (`Method.finetune_epochs`)
+    train_samples: int = 0  # samples trained on before evaluating (`Method.finetune_phases`)
     forward_samples: int = 0  # samples the evaluation forwarded
 
     @classmethod
@@ -311,13 +311,14 @@ class Simulation:
         if self.cfg.train.client_failure_rate > 0:
             metrics["failed_clients"] = float(len(failed))
         if due:
-            self.last_eval = after_local if after_local is not None else self.evaluate(self.training_clients)
+            self.last_eval = (after_local if after_local is not None
+                              else self.evaluate(self.training_clients, final=r == self.cfg.train.rounds))
             metrics.update(self.last_eval.metrics())
             loss_samples += self.last_eval.train_samples
             forward_samples += self.last_eval.forward_samples
             if self.has_global_view and "test" in self.eval_splits:
                 # Where every client was just evaluated on the server's model itself, that was the global view.
-                reuse = not self._after_local and self._evaluates_the_global_model()
+                reuse = not self._after_local and self._evaluates_the_global_model(final=r == self.cfg.train.rounds)
                 view = self.last_eval.test_only() if reuse else self.evaluate_global(self.training_clients)
                 metrics.update(view.metrics(GLOBAL_PREFIX))
         metrics["train_samples"] = float(loss_samples)
@@ -327,31 +328,40 @@ class Simulation:
         metrics["round_seconds"] = time.perf_counter() - start
         return metrics
 
-    def evaluate(self, clients: Iterable[int] | None = None) -> EvalResult:
+    def evaluate(self, clients: Iterable[int] | None = None, final: bool = True) -> EvalResult:
         """Every client's val and test accuracy with its own personalized model.
 
-        A method with `finetune_epochs` first trains each client's loaded model
-        on its own training split; the next `load_client` overwrites those weights.
+        A method with `finetune_phases` first trains each client's loaded model
+        on its own training split (`final`: this is the run's last evaluation);
+        the next `load_client` overwrites those weights.
         Where every client holds the same body and only the head may be personal
         (FedAvg, FedPer, FedRep, ...), the body runs once over all the clients'
         images and each client's head is applied to its own features.
         """
         clients = list(range(self.data.num_clients) if clients is None else clients)
         result = EvalResult.empty(self.data.num_clients)
-        if clients and self._shared_body_evaluation():
+        if clients and self._shared_body_evaluation(final):
             self._evaluate_shared_body(clients, result)
             return result
         for client in clients:
             self.load_client(client)
-            result.train_samples += self._finetune(client)
+            result.train_samples += self._finetune(client, final)
             self._evaluate_loaded(client, result)
         return result
 
-    def _shared_body_evaluation(self) -> bool:
+    def _finetune_context(self, client: int, final: bool) -> _ClientContext:
+        return _ClientContext(self, client, self.round_index, stream=FINETUNE_STREAM, final=final)
+
+    def _fine_tunes(self, final: bool) -> bool:
+        """True when the method trains clients before this evaluation (`Method.finetune_phases`)."""
+        ctx = self._finetune_context(self.training_clients[0], final)
+        return bool(self.method.finetune_phases(self.model, ctx))
+
+    def _shared_body_evaluation(self, final: bool = True) -> bool:
         """True when clients differ at most in the head and the method evaluates in the default way."""
         method = type(self.method)
         if (method.evaluate is not Method.evaluate or method.broadcast is not Method.broadcast
-                or self.method.finetune_epochs()):
+                or self._fine_tunes(final)):
             return False
         try:
             head = head_entries(self.model)
@@ -396,25 +406,17 @@ class Simulation:
         """The server holds one complete model: nothing is personal and the method exposes it."""
         return not self.personal_names and self.method.global_view() is not None
 
-    def _evaluates_the_global_model(self) -> bool:
+    def _evaluates_the_global_model(self, final: bool = True) -> bool:
         """True when each client's personalized evaluation runs exactly the server's global view."""
         method = type(self.method)
         return (method.broadcast is Method.broadcast and method.global_view is Method.global_view
-                and method.evaluate is Method.evaluate and not self.method.finetune_epochs())
+                and method.evaluate is Method.evaluate and not self._fine_tunes(final))
 
-    def _finetune(self, client: int) -> int:
-        """Train the loaded model on `client`'s own data through the one batch loop; samples trained."""
-        epochs = self.method.finetune_epochs()
-        if not epochs:
-            return 0
-        self.model.train()
-        ctx = _ClientContext(self, client, self.round_index, stream=FINETUNE_STREAM)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        stats = ctx.train_epochs(self.forward_model, params, epochs)
-        loss = float(stats.loss_sum)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(self.round_index, client, loss)
-        return stats.samples
+    def _finetune(self, client: int, final: bool) -> int:
+        """Train the loaded model on `client`'s own data through the one phase loop; samples trained."""
+        ctx = self._finetune_context(client, final)
+        phases = self.method.finetune_phases(self.model, ctx)
+        return self.clients.run_phases(ctx, phases).samples if phases else 0
 
     @torch.inference_mode()
     def _evaluate_loaded(self, client: int, result: EvalResult, splits: Sequence[str] = ("test", "val")) -> None:

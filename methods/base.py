@@ -9,7 +9,7 @@ differs from FedAvg (the base behaviour here):
                                    `start_aggregation` / `add_update` / `finish_aggregation`
 
 Optional: `adapt_model` (add modules before training), `evaluate`,
-`finetune_epochs` (train on the client's own data before evaluating),
+`finetune_phases` (train on the client's own data before evaluating),
 `global_view` (the one model the server holds, for `global_test_acc_mean`),
 `search_space` (the method's tuning space, duck-typed over an Optuna trial),
 `run_info` (numbers logged at run start), and the held-out ("novel") client
@@ -90,6 +90,7 @@ class LocalContext(Protocol):
 
     client: int  # the client being trained
     round_index: int  # the current round, from 1
+    final: bool  # fine-tuning only: this is the run's last evaluation (held-out clients' too)
     train: TrainConfig  # local schedule and optimizer settings
     data: FederatedData  # the client's data
     device: torch.device
@@ -200,12 +201,15 @@ class Method:
         """
         return self.global_state
 
-    def finetune_epochs(self) -> float:
-        """Epochs each client trains the loaded model on its own training split
-        before its personalized evaluation (0 = evaluate as loaded). The
+    def finetune_phases(self, model: nn.Module, ctx: LocalContext) -> list[Phase]:
+        """Phases each client trains from its loaded model on its own training split
+        before its personalized evaluation (none = evaluate as loaded).
+
+        `ctx.final` tells the run's last evaluation from an intermediate one. The
         fine-tuned weights are evaluated and dropped: they reach neither the
-        server nor the client's next round."""
-        return 0
+        server nor the client's next round.
+        """
+        return []
 
     # -- checkpoints ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

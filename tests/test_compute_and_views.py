@@ -43,20 +43,27 @@ def test_the_global_view_is_logged_only_where_the_server_holds_one_model():
         assert "global_test_acc_mean" not in metrics, method
 
 
-def test_fedavg_ft_is_fedavg_plus_a_fine_tune_that_never_leaks():
+@pytest.mark.parametrize("every_eval", [False, True])
+def test_fedavg_ft_is_fedavg_plus_a_fine_tune_that_never_leaks(every_eval):
     overrides = ("train.rounds=3", "train.sample_fraction=0.5", "train.eval_every=1")
     plain = Simulation(tiny_config("fedavg", *overrides))
-    tuned = Simulation(tiny_config("fedavg_ft", *overrides, "method.finetune_epochs=2"))
+    tuned = Simulation(tiny_config("fedavg_ft", *overrides, "method.finetune_epochs=2",
+                                   f"method.finetune_every_eval={str(every_eval).lower()}"))
     a, b = plain.run().history, tuned.run().history
     # The server and the clients' training never see the fine-tuned weights.
     for x, y in zip(a, b):
         for key in ("train_loss", "bytes_up", "global_test_acc_mean", "global_test_acc_weighted"):
             assert x[key] == y[key], key
-        fine_tuned = sum(2 * tuned.data.num_samples(c) for c in tuned.training_clients)
-        assert y["train_samples"] == x["train_samples"] + fine_tuned
+    fine_tuned = sum(2 * tuned.data.num_samples(c) for c in tuned.training_clients)
+    for r, (x, y) in enumerate(zip(a, b), 1):
+        # By default only the final evaluation fine-tunes; an intermediate one is FedAvg's model itself.
+        fine_tunes = every_eval or r == len(a)
+        assert y["train_samples"] == x["train_samples"] + (fine_tuned if fine_tunes else 0)
+        if not fine_tunes:
+            assert y["test_acc_mean"] == x["test_acc_mean"]
     for name, value in plain.method.global_state.items():
         assert torch.equal(value, tuned.method.global_state[name]), name
-    assert any(x["test_acc_mean"] != y["test_acc_mean"] for x, y in zip(a, b))
+    assert a[-1]["test_acc_mean"] != b[-1]["test_acc_mean"]
 
 
 def test_fedavg_ft_evaluates_the_global_model_fine_tuned_on_the_clients_own_data():
