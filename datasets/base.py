@@ -193,20 +193,26 @@ class FederatedData:
     def train_batches(
         self, client: int, epochs: float, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`epochs` shuffled passes over a client's training samples.
+        """`epochs` shuffled passes over a client's training samples (see `shuffled_positions`)."""
+        index = self._splits["train"][client]
+        for positions in self.shuffled_positions(len(index), epochs, batch_size, generator):
+            yield self.prepare(index[positions], generator)
+
+    def shuffled_positions(
+        self, count: int, epochs: float, batch_size: int, generator: torch.Generator
+    ) -> Iterator[torch.Tensor]:
+        """Batches of positions in `range(count)`: `epochs` shuffled passes.
 
         A fractional part is the first share of one more shuffled pass (at
         least one sample), so a budget of 0.5 epochs sees half the samples.
         """
-        index = self._splits["train"][client]
         whole = int(epochs)
         for epoch in range(math.ceil(epochs)):
-            order = torch.randperm(len(index), generator=generator).to(self.device)
+            order = torch.randperm(count, generator=generator).to(self.device)
             if epoch == whole:  # the fractional pass
-                order = order[: max(1, round((epochs - whole) * len(index)))]
-            shuffled = index[order]
-            for start in range(0, len(shuffled), batch_size):
-                yield self.prepare(shuffled[start : start + batch_size], generator)
+                order = order[: max(1, round((epochs - whole) * count))]
+            for start in range(0, len(order), batch_size):
+                yield order[start : start + batch_size]
 
     def eval_batches(self, client: int, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """A client's val or test samples in order, without augmentation."""

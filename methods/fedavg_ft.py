@@ -29,6 +29,7 @@ class FedAvgFT(Method):
 
     Options = FedAvgFTOptions
     options: FedAvgFTOptions
+    budget_keys = ("method.finetune_epochs", "method.finetune_every_eval")
 
     def finetune_phases(self, model: nn.Module, ctx: LocalContext) -> list[Phase]:
         """Every parameter for `finetune_epochs`, before the final evaluation (or every one, if asked)."""
