@@ -635,7 +635,9 @@ def _add_runs(sub) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .console_study import TrialsLive, tune_summary
-    from .tuning import TuneRequest, run_tune
+    from .tuning import TuneRequest, budget_keys, run_tune
+
+    budget_keys(args.method, args.search_budget)  # a bad --search-budget is refused before any work
 
     req = TuneRequest(args.method, args.dataset, _spec(args), args.trials, storage=args.storage, study=args.study,
                       pruner=args.pruner, timeout=args.timeout, workers=args.workers,
