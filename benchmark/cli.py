@@ -660,7 +660,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         suite = run_sweep(args.suite, workers=args.workers, tracking_uri=args.tracking_uri,
-                          experiment=args.experiment, data_root=args.data_root, on_start=on_start, on_item=on_item)
+                          experiment=args.experiment, data_root=args.data_root, best_of=args.best_of,
+                          on_start=on_start, on_item=on_item)
     finally:
         if progress is not None:
             progress.stop()
@@ -681,6 +682,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets, for runs whose suite sets none")
     p.add_argument("--workers", type=int, default=1, metavar="K",
                    help="parallel worker processes: one GPU each, or the CPU threads split (default 1)")
+    p.add_argument("--best-of", metavar="PATTERN",
+                   help="start every run from this tuning study's best config, e.g. '{method}-{dataset}-paper'")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     p.set_defaults(func=cmd_sweep)
 
@@ -691,8 +694,13 @@ def _add_sweep(sub) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .console_study import show_plan
-    from .plan import plan_suite
+    from .plan import plan_suite, suite_studies
 
+    if args.studies:
+        for method, dataset, preset in suite_studies(args.suite, tracking_uri=args.tracking_uri,
+                                                     experiment=args.experiment):
+            show.print_plain(f"{method} {dataset} {preset}")
+        return 0
     plan = plan_suite(args.suite, tracking_uri=args.tracking_uri, experiment=args.experiment,
                       data_root=args.data_root, peak_tflops=args.peak_tflops, utilization=args.utilization,
                       trials=args.trials, tune_rounds=args.tune_rounds)
@@ -720,6 +728,8 @@ def _add_plan(sub) -> None:
                    help=f"share of the peak a training step sustains, in (0, 1] (default {UTILIZATION})")
     p.add_argument("--trials", type=int, default=0, help="tuning trials per method and setting first (default 0)")
     p.add_argument("--tune-rounds", type=int, default=0, metavar="R", help="rounds of one tuning trial")
+    p.add_argument("--studies", action="store_true",
+                   help="only list the tuning studies the suite needs, one 'METHOD DATASET PRESET' line each")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     p.set_defaults(func=cmd_plan)
 

@@ -176,3 +176,15 @@ def plan_suite(suite_path: str | Path, *, tracking_uri: str | None = None, exper
             first.setdefault((r.item.method, r.item.dataset, r.item.spec.overrides, r.item.spec.preset), r)
         plan.tuning_flops = sum(trials * tune_rounds * r.flops / max(r.rounds, 1) for r in first.values())
     return plan
+
+
+def suite_studies(suite_path: str | Path, *, tracking_uri: str | None = None,
+                  experiment: str = "pflbench") -> list[tuple[str, str, str]]:
+    """(method, dataset, preset) of each tuning study the suite's runs need, in the suite's order."""
+    uri = tracking_uri or default_tracking_uri()
+    with tempfile.TemporaryDirectory() as tmp:
+        suite = load_suite(suite_path, tracking_uri=uri, experiment=experiment, config_folder=Path(tmp))
+    out: dict[tuple[str, str, str], None] = {}
+    for item in suite.items:
+        out[(item.method, item.dataset, item.spec.preset or DATASETS.get(item.dataset).default_preset or "")] = None
+    return list(out)

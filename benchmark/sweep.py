@@ -89,11 +89,12 @@ def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -
 
 
 def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_folder: Path,
-               data_root: str | None = None, allow_unregistered: bool = False) -> Suite:
+               data_root: str | None = None, allow_unregistered: bool = False, best_of: str | None = None) -> Suite:
     """Parse and resolve every run of a suite (a bad name or key fails here, before anything runs).
 
     `allow_unregistered` (for a plan): a method this install does not register is kept, its runs
-    resolved as the plain model (`registered` False), instead of refused.
+    resolved as the plain model (`registered` False), instead of refused. `best_of` replaces every
+    run's own `best_of` study pattern.
     """
     path = Path(path)
     if not path.is_file():
@@ -126,8 +127,9 @@ def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_f
             if not (registered or allow_unregistered):
                 METHODS.get(method)  # an unknown name lists the valid ones
             config_file = None
-            if run.get("best_of"):
-                study = str(run["best_of"]).format(method=method, dataset=dataset)
+            pattern = best_of or run.get("best_of")
+            if pattern:
+                study = str(pattern).format(method=method, dataset=dataset)
                 config_file = _best_config(tracking_uri, tune_experiment, study, config_folder)
             for seed in seeds:
                 spec = RunSpec(preset=run.get("preset"), config_file=config_file, overrides=overrides, seed=seed,
@@ -182,19 +184,20 @@ def _gpu_count() -> int:
 
 def run_sweep(
     suite_path: str | Path, *, workers: int = 1, tracking_uri: str | None = None, experiment: str = "pflbench",
-    data_root: str | None = None,
+    data_root: str | None = None, best_of: str | None = None,
     on_start: Callable[[int, int], None] | None = None, on_item: Callable[[SweepItem], None] | None = None,
 ) -> Suite:
     """Run every item of the suite not yet FINISHED; `on_start(total, skipped)`, then `on_item` per run.
 
-    `data_root` applies to the suite's runs that set none of their own.
+    `data_root` applies to the suite's runs that set none of their own; `best_of` (a study name
+    pattern with {method} and {dataset}) starts every run from that study's best config.
     """
     if workers < 1:
         raise UserError(f"bad --workers {workers}: must be >= 1")
     uri = tracking_uri or default_tracking_uri()
     with tempfile.TemporaryDirectory() as tmp:
         suite = load_suite(suite_path, tracking_uri=uri, experiment=experiment, config_folder=Path(tmp),
-                           data_root=data_root)
+                           data_root=data_root, best_of=best_of)
         exp = suite.experiment or experiment
         todo = skip_finished(suite, uri, exp)
         if on_start is not None:
