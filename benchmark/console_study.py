@@ -110,10 +110,13 @@ def leaderboard_summary(console: Console, board: Any, out: str) -> None:
     """One table per dataset, as in the written README."""
     for section in board.sections:
         table = Table(title=f"{section.dataset}: {section.setting}", title_justify="left")
-        for column in ("method", "n", "test_acc_mean (95% CI)", "vs best", "worst 10%", "bytes up/round"):
+        paper = bool(section.paper_preset)
+        for column in ("method", "n", "test_acc_mean (95% CI)", *(["paper reports (%)"] if paper else []), "vs best",
+                       "worst 10%", "bytes up/round"):
             table.add_column(column, justify="left" if column == "method" else "right")
         for cell in section.cells:
-            table.add_row(cell.method, str(cell.n), cell.acc_text, cell.vs_best_text, cell.worst_text,
+            reported = [cell.paper.text if cell.paper else ""] if paper else []
+            table.add_row(cell.method, str(cell.n), cell.acc_text, *reported, cell.vs_best_text, cell.worst_text,
                           cell.bytes_text)
         console.print(table)
     console.print(f"written: {out}/README.md, {out}/results.csv, {out}/index.html", highlight=False)

@@ -65,7 +65,7 @@ def _write_data(root: Path) -> None:
     write_officehome(root / "OfficeHome", per_class=6)
 
 
-def test_publish_paper_plans_runs_and_builds_the_board_in_one_command(tracking_uri, tmp_path):
+def test_publish_paper_plans_runs_and_builds_the_board_in_one_command(capsys, tracking_uri, tmp_path):
     data = tmp_path / "data"
     _write_data(data)
     suite, methods = _tiny_suite(tmp_path / "paper-tiny.toml")
@@ -98,3 +98,4 @@ def test_publish_paper_plans_runs_and_builds_the_board_in_one_command(tracking_u
     assert readme.count("paper reports (%, ± client std)") == 3 and "The paper's settings (paper-* presets" in readme
     # Rerunning skips what finished: the plan has nothing left to run.
     assert main(["plan", str(suite), "--data-root", str(data), "--experiment", "leaderboard", "--quiet"]) == 0
+    assert f"runs={runs} to_run=0 " in capsys.readouterr().out
