@@ -36,6 +36,9 @@ from . import stats
 SETTING_PREFIXES = ("data.", "model.", "dataset.")
 SETTING_KEYS = ("train.rounds", "train.sample_fraction")
 UNSET = ("dataset.root",)  # where the files lie does not change the problem
+# Setting keys added since runs were first recorded, at the value older runs had without the key:
+# left out at that value, so old and new runs of one problem share a table (and its hash).
+ADDED_KEYS = {"data.novel_clients": "0"}
 PENDING_NOTE = "not run yet: needs a GPU"
 MISSING_NOTE = "no finished run in this setting"
 # The paper's settings (FedPerfix, Sun et al. 2023); shown as pending until runs exist.
@@ -226,7 +229,7 @@ def _num(value: float, digits: int) -> str:
 def setting_of(params: dict[str, str]) -> dict[str, str]:
     """The keys of a run's config that define its problem (not the method nor its tuning)."""
     return {k: v for k, v in sorted(params.items())
-            if (k.startswith(SETTING_PREFIXES) or k in SETTING_KEYS) and k not in UNSET}
+            if (k.startswith(SETTING_PREFIXES) or k in SETTING_KEYS) and k not in UNSET and ADDED_KEYS.get(k) != v}
 
 
 def setting_hash(params: dict[str, str]) -> str:

@@ -203,7 +203,7 @@ def test_a_paper_setting_shows_the_papers_value_beside_ours_and_rows_for_its_met
     assert rows["fedperfix"]["paper_test_acc_mean"] == "0.4810" and rows["fedperfix"]["paper_client_acc_std"] == "0.0776"
     assert rows["apfl"]["status"] == "not run yet: needs a GPU" and rows["pfedhn"]["paper_test_acc_mean"] == ""
     # Runs recorded before a setting key existed still match; another alpha is another setting.
-    older = {k: v for k, v in params.items() if k != "data.novel_clients"}
+    older = {k: v for k, v in params.items() if k != "data.stratify"}
     assert build_board(_paper_runs(older), experiment="exp").sections[0].paper_preset == "paper-cifar100"
     board = build_board(_paper_runs({**params, "data.alpha": "0.1"}), experiment="exp")
     ours, *pending = [s for s in board.sections if s.dataset == "cifar100"]
@@ -306,3 +306,6 @@ def test_the_setting_line_names_the_image_folder_and_not_where_it_lies():
     assert "/data" not in line
     assert setting_hash(params) == setting_hash({**params, "dataset.root": "/elsewhere"})
     assert setting_hash(params) != setting_hash({**params, "dataset.folder": "cifar100-jpeg"})
+    # A run recorded before data.novel_clients existed is the same problem as one that holds none out.
+    assert setting_hash(params) == setting_hash({**params, "data.novel_clients": "0"})
+    assert setting_hash(params) != setting_hash({**params, "data.novel_clients": "2"})
