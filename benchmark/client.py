@@ -22,6 +22,7 @@ in (pinned, on CUDA) host memory beyond it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
@@ -387,7 +388,7 @@ def personal_phases(phases: Sequence[Phase], personal: Sequence[str]) -> list[Ph
     for phase in phases:
         params = tuple(n for n in phase.params if n in keep)
         if params:
-            out.append(Phase(params, phase.epochs, phase.forward))
+            out.append(dataclasses.replace(phase, params=params))
     return out
 
 
