@@ -22,6 +22,7 @@ in (pinned, on CUDA) host memory beyond it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
@@ -293,12 +294,19 @@ class ClientRunner:
         self._check_loss(ctx.client, ctx.round_index, stats.loss_sum)
         return stats
 
-    def train_client(self, client: int, round_index: int) -> tuple[ClientUpdate, TrainStats]:
-        """One client's local step: load its state, run its phases, read the shared part back."""
+    def train_client(self, client: int, round_index: int,
+                     personal_only: bool = False) -> tuple[ClientUpdate, TrainStats]:
+        """One client's local step: load its state, run its phases, read the shared part back.
+
+        `personal_only`: the phases train only the personal parameters (a held-out client's adaptation).
+        """
         sim = self.sim
         sent = self.load_client(client)
         ctx = _ClientContext(sim, client, round_index)
-        stats = self.run_phases(ctx, sim.method.local_phases(sim.model, ctx))
+        phases = sim.method.local_phases(sim.model, ctx)
+        if personal_only:
+            phases = personal_phases(phases, sim.personal_names)
+        stats = self.run_phases(ctx, phases)
         with torch.no_grad():
             params = {n: sim._entries[n].detach().clone() for n in sent}
         sim._personal.put(client, {n: sim._entries[n] for n in sim.personal_names})
@@ -418,6 +426,17 @@ class ClientRunner:
                     buffers[n].index_copy_(0, index, t)
                 loss_sums.index_add_(0, index, per_client.detach() * counts)
         return samples
+
+
+def personal_phases(phases: Sequence[Phase], personal: Sequence[str]) -> list[Phase]:
+    """`phases` restricted to the `personal` parameters (the shared part frozen); emptied phases are dropped."""
+    keep = set(personal)
+    out = []
+    for phase in phases:
+        params = tuple(n for n in phase.params if n in keep)
+        if params:
+            out.append(dataclasses.replace(phase, params=params))
+    return out
 
 
 def resolve_parallel(setting: str, device: torch.device, sampled: int) -> int:

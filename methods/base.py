@@ -12,8 +12,8 @@ Optional: `adapt_model` (add modules before training), `evaluate`,
 `finetune_phases` (train on the client's own data before evaluating),
 `global_view` (the one model the server holds, for `global_test_acc_mean`),
 `search_space` (the method's tuning space, duck-typed over an Optuna trial),
-`run_info` (numbers logged at run start), and the held-out ("novel") client
-pair `held_out_clients` / `fit_held_out`.
+`run_info` (numbers logged at run start), and `fit_held_out` (how a client
+held out of training, `data.novel_clients`, adapts after the last round).
 The engine owns data, devices, the round loop, per-client personal state and
 metrics; a method never does I/O.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -111,10 +110,11 @@ def trainable_names(model: nn.Module) -> tuple[str, ...]:
 class ClientTrainer(Protocol):
     """The engine's one-client step, given to `Method.fit_held_out`."""
 
-    def __call__(self, client: int, step: int) -> ClientUpdate:
+    def __call__(self, client: int, step: int, personal_only: bool = False) -> ClientUpdate:
         """Load `client`'s broadcast and personal state, run its `local_phases` on its training
         data (batches seeded by `step`, counted from 1), keep its personal state, and
-        return the update. Nothing reaches the server unless the method uses the update."""
+        return the update. `personal_only`: the phases train only the personal parameters
+        (the shared part frozen). Nothing reaches the server unless the method uses the update."""
         ...
 
 
@@ -264,15 +264,18 @@ class Method:
         return {}
 
     # -- held-out (novel) clients ----------------------------------------------
-    def held_out_clients(self, num_clients: int, rng: np.random.Generator) -> list[int]:
-        """Clients kept out of training: never sampled, left out of the round metrics.
-
-        Called once, before `server_init`; `rng` is seeded by the run's seed.
-        """
-        return []
-
     def fit_held_out(self, clients: Sequence[int], train_client: ClientTrainer) -> None:
-        """Adapt to the held-out `clients` after the last round; they are evaluated next."""
+        """How clients held out of training (`data.novel_clients`) adapt after the last round.
+
+        Default: the way the method personalizes. Each client trains its personal
+        part on its own training split with the shared part frozen, as its
+        `local_phases` train it (one local update); with nothing personal
+        (FedAvg) nothing is trained. The engine then evaluates them, running
+        `finetune_phases` first (`ctx.final` is True). Nothing here may reach
+        the server's aggregate.
+        """
+        for client in clients:
+            train_client(client, 1, personal_only=True)
 
 
 def _restore_tensors(current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor],
