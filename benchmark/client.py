@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..methods import ClientUpdate, Phase, TrainStats
+from ..methods.base import BatchStep, Penalty
 from .config import TrainConfig
 from .errors import TrainingDiverged, UserError
 
@@ -119,26 +121,56 @@ class _ClientContext:
         self.generator = sim.batch_generator(round_index, client, stream)
         self._autocast = sim.autocast
 
-    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward=None) -> TrainStats:
-        """SGD on `params` only, for `epochs` passes over the client's training data (a fraction ends early)."""
+    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward=None, *,
+                     penalty: Penalty | None = None, step: BatchStep | None = None,
+                     batches_per_step: int = 1) -> TrainStats:
+        """SGD on `params` only, for `epochs` passes over the client's training data (a fraction ends early).
+
+        `penalty` and `step` are a `Phase`'s: a term added to each batch's loss,
+        and a step that replaces the plain one (see `Phase`).
+        """
         params = list(params)
         cfg = self.train
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        loss_sum = torch.zeros((), device=self.device)
-        samples = 0
-        for x, y in self.data.train_batches(self.client, epochs, cfg.batch_size, self.generator):
-            with self._autocast():
-                logits = forward(model, x) if forward is not None else model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+
+        def apply() -> None:
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+
+        loop = None
+        if step is not None:
+            ids = {id(p) for p in params}
+            named = {n: p for n, p in model.named_parameters() if id(p) in ids}
+            loop = _StepLoop(named, cfg.batch_size, self._autocast, apply)
+        loss_sum = torch.zeros((), device=self.device)
+        samples = 0
+        for x, y in self.data.train_batches(self.client, epochs, cfg.batch_size * batches_per_step, self.generator):
+            optimizer.zero_grad(set_to_none=True)
+            if loop is not None:
+                batch_loss, n = step(model, x, y, loop)
+                loss_sum += batch_loss.detach()
+                samples += n
+                continue
+            with self._autocast():
+                logits = forward(model, x) if forward is not None else model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            (loss + penalty(model) if penalty is not None else loss).backward()
+            apply()
             loss_sum += loss.detach() * len(y)
             samples += len(y)  # every sample here goes through a backward pass
         model.zero_grad(set_to_none=True)  # grads of params outside `params` must not linger
         return TrainStats(loss_sum, samples)
+
+
+@dataclass
+class _StepLoop:
+    """The `StepLoop` a phase's own step gets: its parameters, the autocast and the optimizer step."""
+
+    params: dict[str, nn.Parameter]
+    batch_size: int
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    apply: Callable[[], None]
 
 
 @contextlib.contextmanager
@@ -253,9 +285,12 @@ class ClientRunner:
         named = dict(sim.model.named_parameters())
         stats = TrainStats(torch.zeros((), device=sim.device), 0)
         for phase in phases:
+            # Only a phase that changes the step passes those options (train_epochs' plain signature stays).
+            extra = {} if phase.batchable else {
+                "penalty": phase.penalty, "step": phase.step, "batches_per_step": phase.batches_per_step}
             with _frozen_except(sim.model, phase.params):
                 stats = stats + ctx.train_epochs(
-                    sim.forward_model, [named[n] for n in phase.params], phase.epochs, phase.forward
+                    sim.forward_model, [named[n] for n in phase.params], phase.epochs, phase.forward, **extra
                 )
         self._check_loss(ctx.client, ctx.round_index, stats.loss_sum)
         return stats
@@ -275,13 +310,14 @@ class ClientRunner:
     def train_together(self, clients: Sequence[int], round_index: int) -> list[tuple[ClientUpdate, TrainStats]]:
         """Train `clients` as one batch of models; the result equals `train_client` for each.
 
-        Falls back to one client at a time when their phases differ.
+        Falls back to one client at a time when their phases differ or change the step (`Phase.batchable`).
         """
         sim = self.sim
         model = sim.model
         ctxs = [_ClientContext(sim, c, round_index) for c in clients]
         phases = [sim.method.local_phases(model, ctx) for ctx in ctxs]
-        if len(clients) < 2 or any(p != phases[0] for p in phases[1:]):
+        if (len(clients) < 2 or any(p != phases[0] for p in phases[1:])
+                or not all(phase.batchable for phase in phases[0])):
             return [self.train_client(c, round_index) for c in clients]
         sents = [sim.method.broadcast(c) for c in clients]
         with torch.no_grad():
