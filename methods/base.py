@@ -103,8 +103,9 @@ class Phase:
     added to each batch's loss (Ditto's proximal term), and `step` replaces the
     per-batch step (loss, backward, optimizer step) where a method's authors
     step differently (APFL's two models, Per-FedAvg's meta step); it receives
-    `batch_size * batches_per_step` samples at a time. Phases with either run
-    one client at a time.
+    `batch_size * batches_per_step` samples at a time, computes its own loss
+    (`forward` and `penalty` are then unused) and calls `loop.apply()` to step.
+    Phases with either run one client at a time.
     """
 
     params: tuple[str, ...]  # names of the parameters trained in this phase

@@ -9,7 +9,7 @@ from torch import nn
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
 from .base import LocalContext, Method, Phase, register, trainable_names
-from .fedrep import _head_forward
+from .fedrep import head_forward
 from .structure import head_entries
 
 
@@ -47,4 +47,4 @@ class FedBABU(Method):
             return []
         head = head_entries(model)
         params = tuple(n for n in trainable_names(model) if n in head)
-        return [Phase(params, self.options.finetune_epochs, _head_forward)]
+        return [Phase(params, self.options.finetune_epochs, head_forward)]

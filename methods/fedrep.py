@@ -49,7 +49,7 @@ class FedRepOptions(MethodConfig):
         return head, body or (local_epochs - head if head < local_epochs else local_epochs)
 
 
-def _head_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def head_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits with the body run under no_grad: only the head enters the autograd graph."""
     with torch.no_grad():
         features = model.forward_head(model.forward_features(x), pre_logits=True)
@@ -71,7 +71,7 @@ class FedRep(Method):
         trainable = trainable_names(model)
         head_epochs, body_epochs = self.options.schedule(ctx.train.local_epochs)
         phases = [
-            Phase(tuple(n for n in trainable if n in head), head_epochs, _head_forward),
+            Phase(tuple(n for n in trainable if n in head), head_epochs, head_forward),
             Phase(tuple(n for n in trainable if n not in head), body_epochs),
         ]
         return [p for p in phases if p.epochs > 0]

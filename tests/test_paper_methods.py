@@ -227,3 +227,20 @@ def test_attention_is_partial_over_every_attention_layer_and_the_head():
     assert [{k: v for k, v in h.items() if k != "round_seconds"} for h in a.history] == \
         [{k: v for k, v in h.items() if k != "round_seconds"} for h in p.history]
     assert all(torch.equal(attention.method.global_state[n], v) for n, v in partial.method.global_state.items())
+
+
+# -- clients trained together --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["apfl", "perfedavg", "ditto"])
+def test_phases_with_their_own_step_or_penalty_train_one_client_at_a_time(method):
+    sims = {k: Simulation(tiny_config(method, "train.rounds=1", f"train.parallel_clients={k}")) for k in (1, 4)}
+    assert sims[4].parallel_clients == 4
+    ctx = sims[1]._finetune_context(0, final=False)
+    assert not all(p.batchable for p in sims[1].method.local_phases(sims[1].model, ctx))
+    for sim in sims.values():
+        sim.run_round()
+    seq, together = sims[1], sims[4]
+    assert all(torch.equal(together.method.global_state[n], v) for n, v in seq.method.global_state.items())
+    for c in seq._personal:
+        assert all(torch.equal(together.personal_state(c)[n], v) for n, v in seq.personal_state(c).items())
