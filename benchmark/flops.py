@@ -115,3 +115,10 @@ class FlopMeter:
         if key not in self._per_sample:
             self._per_sample[key] = float(step_flops(model, forward, sample, backward))
         return self._per_sample[key]
+
+    def known(self, key: Hashable) -> float | None:
+        """FLOPs per sample remembered for `key` (a step counted as it ran), or None."""
+        return self._per_sample.get(key)
+
+    def remember(self, key: Hashable, per_sample: float) -> None:
+        self._per_sample[key] = float(per_sample)

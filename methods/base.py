@@ -21,7 +21,7 @@ metrics; a method never does I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +70,26 @@ class ClientUpdate:
 
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+Penalty = Callable[[nn.Module], torch.Tensor]
+
+
+class StepLoop(Protocol):
+    """What the engine's batch loop lends a phase's own `step`."""
+
+    params: dict[str, nn.Parameter]  # the phase's parameters by name (every other one is frozen)
+    batch_size: int  # train.batch_size
+
+    def autocast(self) -> ContextManager[None]:
+        """The run's autocast (bf16 on CUDA), to wrap forward passes in."""
+        ...
+
+    def apply(self) -> None:
+        """Clip the gradients now in the parameters' `.grad` and take the phase's optimizer step."""
+        ...
+
+
+# (model, x, y, loop) -> (summed loss, samples that went through a backward pass)
+BatchStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepLoop], tuple[torch.Tensor, int]]
 
 
 @dataclass(frozen=True)
@@ -83,12 +103,28 @@ class Phase:
     epochs then train `forward(model, features)` on those: FedRep's head epochs
     on a frozen body cost one body pass, not one per epoch. Because a phase is
     data, the engine can run it for one client or for several clients at once.
+
+    Two optional changes to the engine's one batch loop: `penalty(model)` is
+    added to each batch's loss (Ditto's proximal term), and `step` replaces the
+    per-batch step (loss, backward, optimizer step) where a method's authors
+    step differently (APFL's two models, Per-FedAvg's meta step); it receives
+    `batch_size * batches_per_step` samples at a time, computes its own loss
+    (`forward` and `penalty` are then unused) and calls `loop.apply()` to step.
+    Phases with either run one client at a time.
     """
 
     params: tuple[str, ...]  # names of the parameters trained in this phase
     epochs: float  # passes over the client's training data (a fraction ends part-way through one)
     forward: Forward | None = None  # logits of a batch (of features, with `features`); None = model(x)
     features: Forward | None = None  # computed once per phase from the unaugmented images; None = train on images
+    penalty: Penalty | None = None  # a term added to every batch's loss; None = none
+    step: BatchStep | None = None  # the per-batch step; None = SGD on the loss of forward(model, x)
+    batches_per_step: int = 1  # a `step` receives batch_size * this many samples per call
+
+    @property
+    def batchable(self) -> bool:
+        """True when clients can run this phase together (the batched path knows plain steps on images only)."""
+        return self.penalty is None and self.step is None and self.batches_per_step == 1 and self.features is None
 
 
 class LocalContext(Protocol):
