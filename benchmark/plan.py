@@ -1,14 +1,14 @@
 """`bench plan SUITE.toml`: the runs a suite will do, and the GPU hours they need, from FLOP counts.
 
-The estimate of one run: the FLOPs of one forward + backward of its model
-(the method's own modules included, e.g. FedPerfix's plugins) on one batch of
-`train.batch_size`, counted by torch's `FlopCounterMode` on the meta device
-(shapes only: no memory, no arithmetic), per sample, times the samples the run
-trains: rounds x sampled clients x local epochs x a client's training split.
+The estimate of one run: the FLOPs of one client's local update, counted as
+the engine counts `train_flops` (`flops.client_update_flops`: every phase of
+the method, its own modules, steps, feature passes and second models
+included), per training sample of an epoch, times the samples the run trains:
+rounds x sampled clients x local epochs x a client's training split.
 The split comes from the partition itself when the dataset is loaded (datasets
 that publish no size: digits, image folders), else from the published size
 (`DatasetEntry.num_samples`) split evenly. GPU hours follow at a stated share
-of a GPU's peak throughput. Evaluation, fine-tuning before it and the
+of a GPU's peak throughput. Evaluation, fine-tuning before the final one and the
 server's work are left out (forward passes over the test splits, a few
 percent). A tuning study adds `trials` runs of `tune_rounds` rounds per
 method and setting (an upper bound: pruned trials stop early).
@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..datasets import DATASETS, partition_for
 from ..methods import METHODS
 from .config import RunConfig
 from .errors import UserError
+from .flops import client_update_flops, count_flops
 from .models import build_model
 from .sweep import Suite, SweepItem, load_suite, skip_finished
 from .tracking import default_tracking_uri
@@ -40,14 +40,12 @@ UTILIZATION = 0.4  # the share of that peak a ViT training step is assumed to su
 def train_flops_per_sample(model: nn.Module, batch_size: int, in_chans: int, image_size: int) -> float:
     """FLOPs of one forward + backward (cross-entropy) of `model` on a batch of `batch_size`, per sample.
 
-    `model` should live on the meta device: the count needs shapes only.
+    `model` may live on the meta device: the count needs shapes only.
     """
     device = next(model.parameters()).device
     x = torch.zeros(batch_size, in_chans, image_size, image_size, device=device)
     y = torch.zeros(batch_size, dtype=torch.long, device=device)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), y).backward()
-    return counter.get_total_flops() / batch_size
+    return count_flops(lambda: F.cross_entropy(model(x), y).backward())[1] / batch_size
 
 
 @dataclass
@@ -130,14 +128,17 @@ def _data_shape(cfg: RunConfig, cache: dict) -> DataShape:
 
 
 def _flops(cfg: RunConfig, method: str, data: DataShape, cache: dict) -> float:
-    key = (method, repr(cfg.model), repr(cfg.method), data.image_size, data.in_chans, data.num_classes,
-           cfg.train.batch_size)
+    """FLOPs per training sample of one local epoch: the method's whole local update (its own steps,
+    feature passes and second models included, as `train_flops` counts them) over its samples."""
+    key = (method, repr(cfg.model), repr(cfg.method), repr(cfg.train), data.image_size, data.in_chans,
+           data.num_classes, data.train_per_client)
     if key not in cache:
-        with torch.device("meta"):
-            model = build_model(cfg.model, image_size=data.image_size, in_chans=data.in_chans,
-                                num_classes=data.num_classes)
-            model = METHODS.get(method)(cfg.method).adapt_model(model)
-        cache[key] = train_flops_per_sample(model, cfg.train.batch_size, data.in_chans, data.image_size)
+        torch.manual_seed(0)
+        m = METHODS.get(method)(cfg.method)
+        model = m.adapt_model(build_model(cfg.model, image_size=data.image_size, in_chans=data.in_chans,
+                                          num_classes=data.num_classes))
+        update, _ = client_update_flops(m, model, cfg.train, data.in_chans, data.image_size, data.train_per_client)
+        cache[key] = update / max(cfg.train.local_epochs * data.train_per_client, 1e-9)
     return cache[key]
 
 
