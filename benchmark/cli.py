@@ -615,7 +615,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     best = f"{result.best.value:.4f}" if result.best else "none"
     print(f"tune {result.study} trials={len(result.trials)} ran={result.ran_here} best_val_acc_mean={best} "
           f"parent_run_id={result.parent_run_id}")
-    return 0
+    for row in result.errors:
+        show.err_console.print(f"failed: trial {row.number}: {row.error}", markup=False)
+    return 1 if result.errors else 0
 
 
 def _add_tune(sub) -> None:

@@ -40,6 +40,7 @@ from ..methods.aggregation import state_bytes
 from ..methods.structure import head_entries
 from .client import FINETUNE_STREAM, ClientRunner, PersonalStore, _ClientContext, resolve_parallel
 from .config import RunConfig
+from .device import autocast_dtype, capability, set_deterministic
 from .errors import TrainingDiverged, UserError
 from .models import build_model
 
@@ -52,12 +53,19 @@ GLOBAL_PREFIX = "global_"  # the server's one model on every client's test split
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without one is a user error."""
+    """`auto` picks CUDA when present; asking for CUDA without one is a user error.
+
+    CUDA always resolves with its index (`cuda:<n>`, the current device unless
+    one is named), so memory queries and RNG states address one GPU.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class Callback:
@@ -83,14 +91,34 @@ class EvalResult:
     val_count: np.ndarray
     train_samples: int = 0  # samples trained on before evaluating (`Method.finetune_epochs`)
     forward_samples: int = 0  # samples the evaluation forwarded
+    # (split, client, correct) whose count is still a device tensor: read in one sync by `settle`
+    pending: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def empty(cls, num_clients: int) -> EvalResult:
         """No client evaluated yet (count 0 everywhere)."""
         return cls(*(np.zeros(num_clients, dtype=np.int64) for _ in range(4)))
 
+    def record(self, split: str, client: int, correct: int | torch.Tensor, total: int) -> None:
+        """One client's count on a split; a device tensor stays there until `settle`."""
+        getattr(self, f"{split}_count")[client] = total
+        if isinstance(correct, torch.Tensor):
+            self.pending.append((split, client, correct))
+        else:
+            getattr(self, f"{split}_correct")[client] = correct
+
+    def settle(self) -> EvalResult:
+        """Copy the counts still on the device to the host, all in one transfer."""
+        if self.pending:
+            values = torch.stack([c.reshape(()).to(torch.long) for _, _, c in self.pending]).tolist()
+            for (split, client, _), value in zip(self.pending, values):
+                getattr(self, f"{split}_correct")[client] = value
+            self.pending.clear()
+        return self
+
     def test_only(self) -> EvalResult:
         """This result's test split alone (no validation counts)."""
+        self.settle()
         zeros = np.zeros_like(self.val_count)
         return EvalResult(self.test_correct.copy(), self.test_count.copy(), zeros, zeros.copy())
 
@@ -101,14 +129,17 @@ class EvalResult:
 
     @property
     def test_acc(self) -> np.ndarray:
+        self.settle()
         return np.where(self.test_count > 0, self.test_correct / np.maximum(self.test_count, 1), np.nan)
 
     @property
     def val_acc(self) -> np.ndarray:
+        self.settle()
         return np.where(self.val_count > 0, self.val_correct / np.maximum(self.val_count, 1), np.nan)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Mean and sample-weighted accuracy over the evaluated clients (count > 0)."""
+        self.settle()
         out = {
             "test_acc_mean": self._mean(self.test_correct, self.test_count),
             "test_acc_weighted": (float(self.test_correct.sum() / self.test_count.sum())
@@ -155,6 +186,9 @@ class Simulation:
         # Tuning passes ("val",): the test split is then never read.
         self.eval_splits = tuple(eval_splits)
         self.device = resolve_device(cfg.device)
+        set_deterministic(cfg.run.deterministic)
+        # bf16 on CUDA from compute capability 8.0; fp32 before it and on the CPU.
+        self.amp_dtype = autocast_dtype("bf16", self.device.type, capability(self.device))
         self.seeds = derive_seeds(cfg.seed)
         self.images = images if images is not None else DATASETS.get(cfg.dataset.name).load(cfg.dataset)
         self.partition = partition if partition is not None else self._make_partition()
@@ -181,6 +215,7 @@ class Simulation:
             {n: self._entries[n] for n in self.personal_names}, self.device, cfg.train.personal_device_mb * 2**20
         )
         self.clients = ClientRunner(self)
+        self._parallel_cap: int | None = None  # `auto` lowered to what fits in device memory (GPU)
         k = self.data.num_clients
         held_out = self.method.held_out_clients(k, np.random.default_rng(self.seeds["held_out"]))
         self.held_out: list[int] = sorted(set(int(c) for c in held_out))
@@ -199,9 +234,9 @@ class Simulation:
         return partition_for(self.images, self.cfg.data, self.cfg.seed)
 
     def autocast(self):
-        """bf16 autocast on CUDA; a no-op on the CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """Autocast to `amp_dtype` (bf16 on CUDA from Ampere on); a no-op where that is None (CPU)."""
+        if self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     def batch_generator(self, round_index: int, client: int, stream: int = 0) -> torch.Generator:
@@ -246,16 +281,31 @@ class Simulation:
     def parallel_clients(self) -> int:
         """Clients trained together per group this round (`train.parallel_clients`, resolved)."""
         sampled = max(1, int(round(self.cfg.train.sample_fraction * len(self.training_clients))))
-        return resolve_parallel(self.cfg.train.parallel_clients, self.device, sampled)
+        k = resolve_parallel(self.cfg.train.parallel_clients, self.device, sampled)
+        return k if self._parallel_cap is None else min(k, self._parallel_cap)
 
     def _train_round(self, selected: Sequence[int], r: int) -> Iterator[tuple[ClientUpdate, TrainStats]]:
-        k = self.parallel_clients
-        for start in range(0, len(selected), k):
-            group = selected[start : start + k]
+        auto = self.cfg.train.parallel_clients == "auto"
+        if auto and self._parallel_cap is None and self.device.type == "cuda" and self.parallel_clients > 1:
+            self._parallel_cap = self.clients.probe_parallel(self.parallel_clients)
+        start = 0
+        while start < len(selected):
+            group = selected[start : start + self.parallel_clients]
             if len(group) == 1:
                 yield self.clients.train_client(group[0], r)
             else:
-                yield from self.clients.train_together(group, r)
+                try:
+                    results = self.clients.train_together(group, r)
+                except torch.OutOfMemoryError:
+                    if not auto:
+                        raise
+                    # Nothing of the group was kept: train it again as two halves, and so on from here.
+                    self._parallel_cap = len(group) // 2
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                yield from results
+            start += len(group)
 
     def failing_clients(self, round_index: int, selected: Sequence[int]) -> set[int]:
         """The sampled clients that fail mid-round (`train.client_failure_rate`), from a per-round seed.
@@ -311,7 +361,7 @@ class Simulation:
         if self.cfg.train.client_failure_rate > 0:
             metrics["failed_clients"] = float(len(failed))
         if due:
-            self.last_eval = after_local if after_local is not None else self.evaluate(self.training_clients)
+            self.last_eval = after_local.settle() if after_local is not None else self.evaluate(self.training_clients)
             metrics.update(self.last_eval.metrics())
             loss_samples += self.last_eval.train_samples
             forward_samples += self.last_eval.forward_samples
@@ -340,12 +390,12 @@ class Simulation:
         result = EvalResult.empty(self.data.num_clients)
         if clients and self._shared_body_evaluation():
             self._evaluate_shared_body(clients, result)
-            return result
+            return result.settle()
         for client in clients:
             self.load_client(client)
             result.train_samples += self._finetune(client)
             self._evaluate_loaded(client, result)
-        return result
+        return result.settle()
 
     def _shared_body_evaluation(self) -> bool:
         """True when clients differ at most in the head and the method evaluates in the default way."""
@@ -382,9 +432,8 @@ class Simulation:
                     own = {n[len(prefix):]: t.to(f.device) for n, t in self.personal_state(c).items()}
                     logits = torch.func.functional_call(head, own, (f,)) if own else head(f)
                     correct.append((logits.argmax(dim=1) == y).sum())
-            for c, n, hits in zip(clients, sizes, torch.stack(correct).tolist()):  # one sync per split
-                getattr(result, f"{split}_correct")[c] = hits
-                getattr(result, f"{split}_count")[c] = n
+            for c, n, hits in zip(clients, sizes, correct):  # read when the evaluation settles
+                result.record(split, c, hits, n)
             result.forward_samples += sum(sizes)
 
     @property
@@ -424,8 +473,7 @@ class Simulation:
         with self.autocast():
             for split in (s for s in splits if s in self.eval_splits):  # tuning never reads "test"
                 correct, total = self.method.evaluate(self.forward_model, self.data.eval_batches(client, split, bs))
-                getattr(result, f"{split}_correct")[client] = correct
-                getattr(result, f"{split}_count")[client] = total
+                result.record(split, client, correct, total)  # a device count stays there until settled
                 result.forward_samples += total
 
     def evaluate_global(self, clients: Iterable[int]) -> EvalResult:
@@ -438,7 +486,7 @@ class Simulation:
         result = EvalResult.empty(self.data.num_clients)
         for client in clients:
             self._evaluate_loaded(client, result, splits=("test",))
-        return result
+        return result.settle()
 
     def fit_and_evaluate_held_out(self) -> EvalResult:
         """Let the method adapt to the held-out clients, then evaluate only them."""
@@ -457,7 +505,7 @@ class Simulation:
 
         Shared state lives in the method's server state; personal state per client
         here. Batches and failures are seeded per round, so the sampler and torch's
-        global generator are the only random state that carries over.
+        generators (the CPU's, and the GPU's on CUDA) are the only random state that carries over.
         """
         last = self.last_eval
         return {
@@ -465,13 +513,14 @@ class Simulation:
             "history": [dict(h) for h in self.history],
             "sampler": json.dumps(self._sampler.bit_generator.state),  # 128-bit ints, kept exact as text
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "initial_personal": {n: t.detach().clone() for n, t in self._personal.initial.items()},
             "personal": {int(c): {n: t.detach().cpu().clone() for n, t in self._personal.get(c).items()}
                          for c in self._personal},
             "method": self.method.state_dict(),
             "last_eval": None if last is None else {
                 f.name: torch.from_numpy(v.copy()) if isinstance(v := getattr(last, f.name), np.ndarray) else v
-                for f in dataclasses.fields(last)},
+                for f in dataclasses.fields(last) if f.name != "pending"},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -479,7 +528,9 @@ class Simulation:
         self.round_index = int(state["round"])
         self.history = [{k: float(v) for k, v in h.items()} for h in state["history"]]
         self._sampler.bit_generator.state = json.loads(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":  # absent from older checkpoints
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         with torch.no_grad():
             for name, value in state["initial_personal"].items():
                 self._personal.initial[name].copy_(value)
