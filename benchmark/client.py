@@ -465,6 +465,8 @@ class ClientRunner:
         del grads
         params = sum(sim._entries[n].numel() * sim._entries[n].element_size() for n in trained)
         free, _ = torch.cuda.mem_get_info(device)
+        # Memory PyTorch's allocator holds but does not use (the probe's own, now freed) is free to it too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return fit_parallel(k, free, peak + 3 * params)
 
 

@@ -274,7 +274,9 @@ def test_auto_probes_one_batched_step_for_the_memory_a_client_needs(monkeypatch)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: calls.append("peak") or 1_000 + 50_000)
     params = sum(p.numel() * p.element_size() for p in sim.model.parameters())
     per_client = 50_000 + 3 * params
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(5.5 * per_client / 0.8), 10**12))
+    # Free: the driver's figure plus what the allocator caches unused (here one client's worth).
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1_000 + per_client)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(5.5 * per_client / 0.8) - per_client, 10**12))
     before = {n: t.detach().clone() for n, t in sim._entries.items()}
     calls_before = len(calls)
     assert sim.clients.probe_parallel(16) == 5
