@@ -501,6 +501,24 @@ def cmd_perf_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perf_flops(args: argparse.Namespace) -> int:
+    from ..methods import METHODS
+    from .perf.flops import measure
+    from .resolve import RunSpec
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else \
+        [m for m in METHODS.names() if m != "partial"]
+    if not methods:
+        raise UserError("bad --methods: give at least one method name")
+    for m in methods:
+        METHODS.get(m)  # an unknown name is refused, listing the valid ones
+    spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device="cpu")
+    costs = measure(methods, spec, args.dataset, classes=args.classes, channels=args.channels,
+                    client_samples=args.client_samples, native_size=args.native_size)
+    show.show_perf_flops(costs, quiet=args.quiet)
+    return 0
+
+
 def _add_perf(sub) -> None:
     p = sub.add_parser("perf", help="benchmarks of the engine itself (not tests)")
     perf = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_Parser)
@@ -550,6 +568,23 @@ def _add_perf(sub) -> None:
                    help="override one setting (after the plain step's hn_lr=1, no momentum/decay/clipping)")
     h.add_argument("--quiet", action="store_true", help="print only the results")
     h.set_defaults(func=cmd_perf_pfedhn_step)
+
+    f = perf.add_parser("flops", help="each method's parameters and training FLOPs per round at a preset's"
+                                      " full model size, counted without data or training")
+    f.add_argument("--dataset", default="cifar100", help="dataset whose preset is built (default cifar100)")
+    f.add_argument("--preset", default="paper-cifar100", help="preset giving the model and clients"
+                                                              " (default paper-cifar100)")
+    f.add_argument("--methods", help="comma-separated methods (default: every registered one)")
+    f.add_argument("--classes", type=_positive_int, default=100, help="classifier outputs (default 100)")
+    f.add_argument("--channels", type=_positive_int, default=3, help="image channels (default 3)")
+    f.add_argument("--native-size", type=_positive_int, default=32,
+                   help="image side in pixels where the preset leaves model.image_size at 0 (default 32)")
+    f.add_argument("--client-samples", type=_positive_float, default=703.0,
+                   help="training samples of a client (default 703: CIFAR-100's 60,000 pooled, 75%% train, 64 clients)")
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting")
+    f.add_argument("--quiet", action="store_true", help="print one plain line per method")
+    f.set_defaults(func=cmd_perf_flops)
 
     g = perf.add_parser("gpu", help="paper-scale throughput on one GPU: tight loop vs engine, clients together,"
                                     " a paper-cifar100 round and the whole run extrapolated")
@@ -601,11 +636,14 @@ def _add_runs(sub) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .console_study import TrialsLive, tune_summary
-    from .tuning import TuneRequest, run_tune
+    from .tuning import TuneRequest, budget_keys, run_tune
+
+    budget_keys(args.method, args.search_budget)  # a bad --search-budget is refused before any work
 
     req = TuneRequest(args.method, args.dataset, _spec(args), args.trials, storage=args.storage, study=args.study,
                       pruner=args.pruner, timeout=args.timeout, workers=args.workers,
-                      tracking_uri=args.tracking_uri, experiment=args.experiment)
+                      search_budget=tuple(args.search_budget), tracking_uri=args.tracking_uri,
+                      experiment=args.experiment)
     if args.quiet:
         result = run_tune(req)
     else:
@@ -614,8 +652,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         show.console.print()
         tune_summary(show.console, result, args.method, args.dataset)
     best = f"{result.best.value:.4f}" if result.best else "none"
+    gain = f"{result.gain:+.4f}" if result.gain is not None else "none"
     print(f"tune {result.study} trials={len(result.trials)} ran={result.ran_here} best_val_acc_mean={best} "
-          f"parent_run_id={result.parent_run_id}")
+          f"tuning_gain={gain} parent_run_id={result.parent_run_id}")
     for row in result.errors:
         show.err_console.print(f"failed: trial {row.number}: {row.error}", markup=False)
     return 1 if result.errors else 0
@@ -637,6 +676,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--pruner", choices=PRUNERS, default="median", help="stop bad trials early (default median)")
     p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes on this machine (default 1)")
+    p.add_argument("--search-budget", action="append", default=[], metavar="KEY",
+                   help="search a budget key all the same (e.g. train.local_epochs); repeatable."
+                        " Budget keys (epochs, fine-tuning length, widths) are not searched by default")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     p.set_defaults(func=cmd_tune)
 

@@ -37,6 +37,7 @@ from ..methods import ClientUpdate, Phase, TrainStats
 from .config import TrainConfig
 from .device import to_device
 from .errors import TrainingDiverged, UserError
+from .flops import FlopMeter
 
 if TYPE_CHECKING:
     from .engine import Simulation
@@ -117,26 +118,46 @@ class PersonalStore:
             stored[name].copy_(value)
 
 
+def step_kind(params: Sequence[nn.Parameter], forward, features) -> tuple:
+    """What makes two training steps cost the same per sample: what trains, and through which forward."""
+    return tuple(id(p) for p in params), forward, features is not None
+
+
 class _ClientContext:
     """The `LocalContext` of one client's update; `train_epochs` is the one batch loop."""
 
-    def __init__(self, sim: Simulation, client: int, round_index: int, stream: int = 0):
+    def __init__(self, sim: Simulation, client: int, round_index: int, stream: int = 0, final: bool = False):
         self.client = client
         self.round_index = round_index
+        self.final = final
         self.train: TrainConfig = sim.cfg.train
         self.data = sim.data
         self.device = sim.device
         self.generator = sim.batch_generator(round_index, client, stream)
         self._autocast = sim.autocast
+        self._model = sim.model  # the plain (not compiled) model: FLOPs are counted on it
+        self._flops = sim.clients.flops
 
-    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward=None) -> TrainStats:
-        """SGD on `params` only, for `epochs` passes over the client's training data (a fraction ends early)."""
+    def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward=None,
+                     features=None) -> TrainStats:
+        """SGD on `params` only, for `epochs` passes over the client's training data (a fraction ends early).
+
+        With `features`, the passes run over `features(model, x)` of the unaugmented
+        images, computed once here (see `Phase`).
+        """
         params = list(params)
         cfg = self.train
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         loss_sum = torch.zeros((), device=self.device)
-        samples = 0
-        for x, y in self.data.train_batches(self.client, epochs, cfg.batch_size, self.generator):
+        samples, flops = 0, 0.0
+        if features is not None:
+            batches, flops = self._feature_batches(model, features, epochs)
+        else:
+            batches = self.data.train_batches(self.client, epochs, cfg.batch_size, self.generator)
+        step_flops = None
+        for x, y in batches:
+            if step_flops is None:  # counted once per kind of step and input shape, on a probe of one sample
+                step_flops = self._flops.per_sample(step_kind(params, forward, features), self._model, forward, x[:1])
             with self._autocast():
                 logits = forward(model, x) if forward is not None else model(x)
                 loss = F.cross_entropy(logits.float(), y)
@@ -147,8 +168,20 @@ class _ClientContext:
             optimizer.step()
             loss_sum += loss.detach() * len(y)
             samples += len(y)  # every sample here goes through a backward pass
+            flops += step_flops * len(y)
         model.zero_grad(set_to_none=True)  # grads of params outside `params` must not linger
-        return TrainStats(loss_sum, samples)
+        return TrainStats(loss_sum, samples, flops=flops)
+
+    def _feature_batches(self, model: nn.Module, features, epochs: float):
+        """(batches over the client's features, FLOPs of computing them): one pass, no augmentation."""
+        cfg = self.train
+        with torch.no_grad(), self._autocast():
+            pairs = [(features(model, x), y) for x, y in self.data.eval_batches(self.client, "train", cfg.eval_batch_size)]
+        feats, labels = torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
+        first = next(self.data.eval_batches(self.client, "train", 1))[0]
+        flops = self._flops.per_sample(("features", features), self._model, features, first, backward=False)
+        positions = self.data.shuffled_positions(len(labels), epochs, cfg.batch_size, self.generator)
+        return ((feats[p], labels[p]) for p in positions), flops * len(labels)
 
 
 @contextlib.contextmanager
@@ -273,13 +306,14 @@ class ClientRunner:
                 module.register_forward_pre_hook(_cast_input_to_weight)
                 self.low_precision |= {f"{prefix}.{n}" for n, t in module.named_parameters(recurse=False)
                                        if t.is_floating_point()}
+        self.flops = FlopMeter()  # FLOPs per sample of each kind of step, counted once per run
 
     # -- the state swap --------------------------------------------------------------
     @torch.no_grad()
     def load_client(self, client: int) -> Mapping[str, torch.Tensor]:
         """Copy the server's broadcast and the client's personal state into the model."""
         sim = self.sim
-        sent = sim.method.broadcast(client)
+        sent = sim.server_work(sim.method.broadcast, client)
         for name, value in sent.items():
             sim._entries[name].copy_(value)
         for name, value in sim._personal.get(client).items():
@@ -301,20 +335,26 @@ class ClientRunner:
             raise TrainingDiverged(round_index, client, loss)
 
     # -- one client ------------------------------------------------------------------
+    def run_phases(self, ctx: _ClientContext, phases: Sequence[Phase]) -> TrainStats:
+        """Run `phases` on the loaded model, each training only its own parameters; the loss is checked."""
+        sim = self.sim
+        sim.model.train()
+        named = dict(sim.model.named_parameters())
+        stats = TrainStats(torch.zeros((), device=sim.device), 0)
+        for phase in phases:
+            with _frozen_except(sim.model, phase.params):
+                stats = stats + ctx.train_epochs(
+                    sim.forward_model, [named[n] for n in phase.params], phase.epochs, phase.forward, phase.features
+                )
+        self._check_loss(ctx.client, ctx.round_index, stats.loss_sum)
+        return stats
+
     def train_client(self, client: int, round_index: int) -> tuple[ClientUpdate, TrainStats]:
         """One client's local step: load its state, run its phases, read the shared part back."""
         sim = self.sim
         sent = self.load_client(client)
-        sim.model.train()
         ctx = _ClientContext(sim, client, round_index)
-        named = dict(sim.model.named_parameters())
-        stats = TrainStats(torch.zeros((), device=sim.device), 0)
-        for phase in sim.method.local_phases(sim.model, ctx):
-            with _frozen_except(sim.model, phase.params):
-                stats = stats + ctx.train_epochs(
-                    sim.forward_model, [named[n] for n in phase.params], phase.epochs, phase.forward
-                )
-        self._check_loss(client, round_index, stats.loss_sum)
+        stats = self.run_phases(ctx, sim.method.local_phases(sim.model, ctx))
         with torch.no_grad():
             params = {n: sim._entries[n].detach().clone() for n in sent}
         sim._personal.put(client, {n: sim._entries[n] for n in sim.personal_names})
@@ -330,9 +370,11 @@ class ClientRunner:
         model = sim.model
         ctxs = [_ClientContext(sim, c, round_index) for c in clients]
         phases = [sim.method.local_phases(model, ctx) for ctx in ctxs]
-        if len(clients) < 2 or any(p != phases[0] for p in phases[1:]):
+        # Phases on precomputed features train a head on a few thousand vectors: nothing to batch there.
+        if (len(clients) < 2 or any(p != phases[0] for p in phases[1:])
+                or any(p.features is not None for p in phases[0])):
             return [self.train_client(c, round_index) for c in clients]
-        sents = [sim.method.broadcast(c) for c in clients]
+        sents = [sim.server_work(sim.method.broadcast, c) for c in clients]
         with torch.no_grad():
             state = {}
             for name, live in sim._entries.items():
@@ -345,10 +387,13 @@ class ClientRunner:
         model.train()
         loss_sums = torch.zeros(len(clients), device=sim.device)
         samples = [0] * len(clients)
+        flops = [0.0] * len(clients)
         with _unfused_attention(model, enabled=sim.device.type == "cpu"):
             for phase in phases[0]:
                 n = self._phase_together(state, phase, ctxs, loss_sums)
                 samples = [a + b for a, b in zip(samples, n)]
+                per_sample = self._phase_flops(phase, ctxs[0])
+                flops = [f + per_sample * b for f, b in zip(flops, n)]
         results = []
         for k, (c, sent) in enumerate(zip(clients, sents)):
             self._check_loss(c, round_index, loss_sums[k])
@@ -356,7 +401,7 @@ class ClientRunner:
                 params = {n: state[n][k].clone() for n in sent}
             sim._personal.put(c, {n: state[n][k] for n in sim.personal_names})
             update = ClientUpdate(c, sim.data.num_samples(c), sent, params)
-            results.append((update, TrainStats(loss_sums[k].clone(), samples[k])))
+            results.append((update, TrainStats(loss_sums[k].clone(), samples[k], flops=flops[k])))
         return results
 
     def _batched_step(self, forward):
@@ -391,6 +436,15 @@ class ClientRunner:
         per_client = (losses * mask).sum(1) / mask.sum(1).clamp_min(1)
         grads = torch.autograd.grad(per_client.sum(), [leaves[n] for n in trained], allow_unused=True)
         return per_client, {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(trained, grads)}
+
+    def _phase_flops(self, phase: Phase, ctx: _ClientContext) -> float:
+        """FLOPs per sample of `phase`'s step, as the one-client path counts them (same key, same probe)."""
+        sim = self.sim
+        named = dict(sim.model.named_parameters())
+        params = [named[n] for n in phase.params]
+        sample = next(sim.data.eval_batches(ctx.client, "train", 1))[0]
+        with _frozen_except(sim.model, phase.params):
+            return self.flops.per_sample(step_kind(params, phase.forward, None), sim.model, phase.forward, sample)
 
     def _phase_together(self, state: dict[str, torch.Tensor], phase: Phase, ctxs: Sequence[_ClientContext],
                         loss_sums: torch.Tensor) -> list[int]:

@@ -50,6 +50,12 @@ class MethodConfig:
 
     name: str = "fedavg"  # registered method name (`bench list`)
 
+    def scale_to_width(self, width: int) -> None:
+        """Resolve the options whose reference size is stated for ViT-S (width 384) to a model `width` wide.
+
+        Called once the model is known, before validation; an explicit value is kept.
+        """
+
 
 @dataclass
 class DatasetConfig:
@@ -96,7 +102,8 @@ class DataConfig:
     normalize: str = "train"  # train: mean/std of the training images only; fixed: (0.5, 0.5), the reference's
 
 
-EVAL_TIMINGS = ("after-aggregation", "after-local")
+EVAL_TIMINGS = ("after-aggregation", "after-local", "reference")
+PRECISIONS = ("auto", "bf16", "fp32")
 NORMALIZATIONS = ("train", "fixed")  # train: statistics of the training images only; fixed: (0.5, 0.5)
 
 
@@ -116,8 +123,11 @@ class TrainConfig:
     eval_batch_size: int = 512  # batch size for evaluation
     client_failure_rate: float = 0.0  # probability that a sampled client fails mid-round (seeded); its update is dropped
     # after-aggregation: every client, from the round's aggregated state (what pflbench reports);
-    # after-local: the round's sampled clients right after their local training (the reference's timing)
+    # after-local: only the round's sampled clients, right after their local training;
+    # reference: every client, the sampled ones right after their local training and the others with the
+    # round's broadcast plus their own personal part (the FedPerfix reference code's evaluation)
     eval_timing: str = "after-aggregation"  # when a round's accuracy is measured (see above)
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere; bf16; fp32 (the reference trains in fp32)
     parallel_clients: int | str = "auto"  # clients trained in one batched step; auto: <= 16 on a GPU, 1 on a CPU
     personal_device_mb: float = 2048.0  # personal state kept on the device up to this size; beyond, in host memory
 
@@ -369,6 +379,7 @@ def check_ranges(cfg: RunConfig) -> None:
              "val_fraction + test_fraction must leave training samples")
     require(t.eval_timing in EVAL_TIMINGS, "train.eval_timing", t.eval_timing,
             f"choose one of: {', '.join(EVAL_TIMINGS)}")
+    require(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")
     require(0 < t.sample_fraction <= 1, "train.sample_fraction", t.sample_fraction, "must be in (0, 1]")
     require(t.lr > 0, "train.lr", t.lr, "must be > 0")
     require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")

@@ -286,6 +286,32 @@ def show_perf_overhead(result) -> None:
     console.print(table)
 
 
+def show_perf_flops(costs, *, quiet: bool = False) -> None:
+    """Each method's capacity and training FLOPs per round, with ratios to FedAvg's where it is listed."""
+    base = next((c for c in costs if c.method == "fedavg"), None)
+
+    def ratio(value: float, of: float) -> str:
+        return f" ({value / of:.0%})" if base is not None and of else ""
+
+    if quiet:
+        for c in costs:
+            print(f"{c.method} parameters={c.parameters} personal={c.personal_parameters}"
+                  f" forward_flops_per_sample={c.forward_per_sample} train_flops_per_round={c.round_flops:.6g}"
+                  f" final_finetune_flops={c.final_finetune_flops:.6g}")
+        return
+    table = Table(title="training FLOPs per round at the preset's size (counted, not timed)", title_justify="left")
+    for column in ("method", "parameters", "personal", "forward FLOPs/sample", "train FLOPs/round",
+                   "final fine-tune FLOPs"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for c in costs:
+        table.add_row(c.method, f"{c.parameters:,}" + ratio(c.parameters, base.parameters if base else 0),
+                      f"{c.personal_parameters:,}", f"{c.forward_per_sample / 1e9:.3f} G"
+                      + ratio(c.forward_per_sample, base.forward_per_sample if base else 0),
+                      f"{c.round_flops / 1e12:.2f} T" + ratio(c.round_flops, base.round_flops if base else 0),
+                      f"{c.final_finetune_flops / 1e12:.2f} T" if c.final_finetune_flops else "")
+    console.print(table)
+
+
 # ---------------------------------------------------------------------------
 # bench runs
 

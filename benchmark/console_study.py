@@ -75,6 +75,9 @@ def tune_summary(console: Console, result: Any, method: str, dataset: str) -> No
         console.print("no trial completed yet: rerun the command to continue the study")
         return
     console.print(f"best: trial {result.best.number}, val_acc_mean {result.best.value:.4f}", highlight=False)
+    if result.gain is not None:
+        console.print(f"tuning moved it by {result.gain:+.4f} over the defaults (trial 0: val_acc_mean"
+                      f" {result.default.value:.4f})", highlight=False)
     table = Table(show_header=False)
     table.add_column(style="cyan")
     table.add_column(justify="right")

@@ -1,7 +1,8 @@
-"""Device decisions as small pure functions: worker GPUs, autocast precision, determinism, host copies.
+"""Device decisions as small functions: worker GPUs, compute capability, determinism, host copies.
 
-Each one takes what it decides from (environment, device count, compute
-capability) as arguments, so it is tested on a machine without a GPU.
+`worker_devices` takes what it decides from (environment, device count) as
+arguments, so it is tested on a machine without a GPU; the precision decision
+from the compute capability is `engine.autocast_dtype`.
 """
 
 from __future__ import annotations
@@ -36,23 +37,6 @@ def worker_devices(workers: int, environ: Mapping[str, str] | None = None,
     if not entries:
         return None
     return [entries[i % len(entries)] for i in range(workers)]
-
-
-def autocast_dtype(precision: str, device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype | None:
-    """The autocast dtype for a requested precision on a device; None = run in fp32.
-
-    bf16 runs on CUDA GPUs of compute capability 8.0 (Ampere) or later. Older
-    GPUs pass `torch.cuda.is_bf16_supported()` through emulation and run it
-    very slowly, so they fall back to fp32 (exact, and no gradient scaler is
-    needed, unlike fp16). The CPU trains in fp32.
-    """
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r} (bf16 or fp32)")
-    if precision == "fp32" or device_type != "cuda":
-        return None
-    if capability is None or tuple(capability) < (8, 0):
-        return None
-    return torch.bfloat16
 
 
 def capability(device: torch.device) -> tuple[int, int] | None:

@@ -17,8 +17,13 @@ Each round records its compute: `train_samples` (through a backward pass,
 fine-tuning before evaluation included) and `forward_samples` (only forwarded:
 evaluation). Where the server holds one complete model, that model is also
 evaluated on every client's test split (`global_test_acc_mean`). Accuracy is
-measured after aggregation on every client, or with `train.eval_timing =
-"after-local"` on the round's sampled clients right after local training.
+measured after aggregation on every client; with `train.eval_timing =
+"after-local"` on the round's sampled clients right after local training; with
+"reference" (the FedPerfix code's) on every client, the sampled ones right
+after local training and the others with the round's broadcast and their own
+personal part. Each round also logs `train_flops` (forward and backward of
+what trained, fine-tuning included) and `server_flops` (the method's server
+hooks).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -40,16 +45,34 @@ from ..methods.aggregation import state_bytes
 from ..methods.structure import head_entries
 from .client import FINETUNE_STREAM, ClientRunner, PersonalStore, _ClientContext, resolve_parallel
 from .config import RunConfig
-from .device import autocast_dtype, capability, set_deterministic
-from .errors import TrainingDiverged, UserError
+from .device import capability, set_deterministic
+from .errors import UserError
+from .flops import count_flops
 from .models import build_model
 
 METRIC_NAMES = (  # logged by every run, at the last round at least
     "test_acc_mean", "test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds",
-    "train_samples", "forward_samples",
+    "train_samples", "forward_samples", "train_flops",
 )
+T = TypeVar("T")
 HELD_OUT_PREFIX = "novel_"  # held-out clients' metrics: novel_test_acc_mean, ...
 GLOBAL_PREFIX = "global_"  # the server's one model on every client's test split: global_test_acc_mean, ...
+
+
+def autocast_dtype(precision: str, device: torch.device,
+                   capability: tuple[int, int] | None = None) -> torch.dtype | None:
+    """The autocast dtype of `train.precision` on `device`; None = plain fp32.
+
+    A GPU below compute capability 8.0 (Ampere), when `capability` is known,
+    passes `torch.cuda.is_bf16_supported()` through emulation and runs bf16
+    very slowly: it trains in fp32 instead (exact, and unlike fp16 it needs no
+    gradient scaler).
+    """
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda" and capability is not None and tuple(capability) < (8, 0):
+        return None
+    return torch.bfloat16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,7 +112,8 @@ class EvalResult:
     test_count: np.ndarray
     val_correct: np.ndarray
     val_count: np.ndarray
-    train_samples: int = 0  # samples trained on before evaluating (`Method.finetune_epochs`)
+    train_samples: int = 0  # samples trained on before evaluating (`Method.finetune_phases`)
+    train_flops: float = 0.0  # FLOPs of that training
     forward_samples: int = 0  # samples the evaluation forwarded
     # (split, client, correct) whose count is still a device tensor: read in one sync by `settle`
     pending: list = dataclasses.field(default_factory=list, repr=False, compare=False)
@@ -115,6 +139,15 @@ class EvalResult:
                 getattr(self, f"{split}_correct")[client] = value
             self.pending.clear()
         return self
+
+    def absorb(self, other: EvalResult) -> None:
+        """Add `other`'s counts (of other clients) and its compute into this result."""
+        self.pending.extend(other.pending)  # counts still on the device: set when this result settles
+        for f in ("test_correct", "test_count", "val_correct", "val_count"):
+            getattr(self, f).__iadd__(getattr(other, f))
+        self.train_samples += other.train_samples
+        self.forward_samples += other.forward_samples
+        self.train_flops += other.train_flops
 
     def test_only(self) -> EvalResult:
         """This result's test split alone (no validation counts)."""
@@ -187,8 +220,8 @@ class Simulation:
         self.eval_splits = tuple(eval_splits)
         self.device = resolve_device(cfg.device)
         set_deterministic(cfg.run.deterministic)
-        # bf16 on CUDA from compute capability 8.0; fp32 before it and on the CPU.
-        self.amp_dtype = autocast_dtype("bf16", self.device.type, capability(self.device))
+        # `train.precision`, with bf16 on CUDA only from compute capability 8.0 (fp32 before it).
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device, capability(self.device))
         self.seeds = derive_seeds(cfg.seed)
         self.images = images if images is not None else DATASETS.get(cfg.dataset.name).load(cfg.dataset)
         self.partition = partition if partition is not None else self._make_partition()
@@ -224,6 +257,7 @@ class Simulation:
             raise UserError(f"every one of the {k} clients is held out; none is left to train")
         self.method.server_init(self.model, {n: self._entries[n] for n in self.shared_names}, self.data.num_clients)
 
+        self.server_flops = 0.0  # FLOPs of the method's server hooks since the round began (`server_work`)
         self._sampler = np.random.default_rng(self.seeds["sampling"])
         self.round_index = 0
         self.history: list[dict[str, float]] = []
@@ -234,7 +268,7 @@ class Simulation:
         return partition_for(self.images, self.cfg.data, self.cfg.seed)
 
     def autocast(self):
-        """Autocast to `amp_dtype` (bf16 on CUDA from Ampere on); a no-op where that is None (CPU)."""
+        """Autocast to `amp_dtype` (`train.precision`, see `autocast_dtype`); a no-op in fp32."""
         if self.amp_dtype is not None:
             return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
@@ -256,6 +290,17 @@ class Simulation:
     @property
     def num_personal_parameters(self) -> int:
         return sum(self._entries[n].numel() for n in self.personal_names)
+
+    @property
+    def num_communicated_parameters(self) -> int:
+        """Values a client sends the server after each visit: its shared entries (0 for `local`)."""
+        return sum(self._entries[n].numel() for n in self.shared_names)
+
+    def server_work(self, hook: Callable[..., T], *args: Any) -> T:
+        """Call one of the method's server hooks, adding the FLOPs it runs to `server_flops`."""
+        out, flops = count_flops(hook, *args)
+        self.server_flops += flops
+        return out
 
     # -- state swapping (benchmark/client.py) -------------------------------------------
     def load_client(self, client: int) -> Mapping[str, torch.Tensor]:
@@ -321,19 +366,25 @@ class Simulation:
     def run_round(self, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
         """Train the sampled clients, aggregate as they finish, and evaluate when due; returns the metrics."""
         start = time.perf_counter()
+        self.server_flops = 0.0
         self.round_index += 1
         r = self.round_index
         selected = self.sample_clients()
         failed = self.failing_clients(r, selected)
         loss_sum = torch.zeros((), device=self.device)
-        loss_samples, forward_samples, bytes_up, bytes_down = 0, 0, 0, 0
+        loss_samples, forward_samples, bytes_up, bytes_down, train_flops = 0, 0, 0, 0, 0.0
         due = r % self.cfg.train.eval_every == 0 or r == self.cfg.train.rounds
-        # The reference's timing: each sampled client as its local training left it.
+        # after-local and reference: each sampled client as its local training left it.
         after_local = EvalResult.empty(self.data.num_clients) if due and self._after_local else None
         for client in failed:
             # It received the broadcast, then failed: nothing comes back and its state is unchanged.
-            bytes_down += state_bytes(self.method.broadcast(client))
+            bytes_down += state_bytes(self.server_work(self.method.broadcast, client))
         trained = [c for c in selected if c not in failed]
+        if after_local is not None and self.cfg.train.eval_timing == "reference":
+            # Every other client with this round's broadcast and its own personal part, before any update lands.
+            untrained = sorted(set(self.training_clients) - set(trained))
+            if untrained:
+                after_local.absorb(self.evaluate(untrained, final=r == self.cfg.train.rounds))
         received = 0
         self.method.start_aggregation()
         for done, (update, stats) in enumerate(self._train_round(trained, r), len(failed) + 1):
@@ -343,15 +394,16 @@ class Simulation:
             loss_sum += stats.loss_sum  # already checked finite
             loss_samples += stats.samples
             forward_samples += stats.forward_samples
+            train_flops += stats.flops
             if after_local is not None:
                 self.clients.load_trained(update)
                 self._evaluate_loaded(update.client, after_local)
-            self.method.add_update(update)  # a running sum: the update is dropped here
+            self.server_work(self.method.add_update, update)  # a running sum: the update is dropped here
             del update
             for cb in callbacks:
                 cb.on_progress(r, done, len(selected))
         if received:  # a round in which every client failed keeps the previous server state
-            self.method.finish_aggregation()
+            self.server_work(self.method.finish_aggregation)
         metrics: dict[str, float] = {
             "train_loss": float(loss_sum) / loss_samples if loss_samples else math.nan,
             "bytes_up": float(bytes_up),
@@ -361,47 +413,62 @@ class Simulation:
         if self.cfg.train.client_failure_rate > 0:
             metrics["failed_clients"] = float(len(failed))
         if due:
-            self.last_eval = after_local.settle() if after_local is not None else self.evaluate(self.training_clients)
+            self.last_eval = (after_local.settle() if after_local is not None
+                              else self.evaluate(self.training_clients, final=r == self.cfg.train.rounds))
             metrics.update(self.last_eval.metrics())
             loss_samples += self.last_eval.train_samples
             forward_samples += self.last_eval.forward_samples
+            train_flops += self.last_eval.train_flops
             if self.has_global_view and "test" in self.eval_splits:
                 # Where every client was just evaluated on the server's model itself, that was the global view.
-                reuse = not self._after_local and self._evaluates_the_global_model()
+                reuse = not self._after_local and self._evaluates_the_global_model(final=r == self.cfg.train.rounds)
                 view = self.last_eval.test_only() if reuse else self.evaluate_global(self.training_clients)
                 metrics.update(view.metrics(GLOBAL_PREFIX))
         metrics["train_samples"] = float(loss_samples)
         metrics["forward_samples"] = float(forward_samples)
+        metrics["train_flops"] = train_flops
+        metrics["server_flops"] = self.server_flops
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics["round_seconds"] = time.perf_counter() - start
         return metrics
 
-    def evaluate(self, clients: Iterable[int] | None = None) -> EvalResult:
+    def evaluate(self, clients: Iterable[int] | None = None, final: bool = True) -> EvalResult:
         """Every client's val and test accuracy with its own personalized model.
 
-        A method with `finetune_epochs` first trains each client's loaded model
-        on its own training split; the next `load_client` overwrites those weights.
+        A method with `finetune_phases` first trains each client's loaded model
+        on its own training split (`final`: this is the run's last evaluation);
+        the next `load_client` overwrites those weights.
         Where every client holds the same body and only the head may be personal
         (FedAvg, FedPer, FedRep, ...), the body runs once over all the clients'
         images and each client's head is applied to its own features.
         """
         clients = list(range(self.data.num_clients) if clients is None else clients)
         result = EvalResult.empty(self.data.num_clients)
-        if clients and self._shared_body_evaluation():
+        if clients and self._shared_body_evaluation(final):
             self._evaluate_shared_body(clients, result)
             return result.settle()
         for client in clients:
             self.load_client(client)
-            result.train_samples += self._finetune(client)
+            tuned = self._finetune(client, final)
+            result.train_samples += tuned.samples
+            result.train_flops += tuned.flops
             self._evaluate_loaded(client, result)
         return result.settle()
 
-    def _shared_body_evaluation(self) -> bool:
+    def _finetune_context(self, client: int, final: bool) -> _ClientContext:
+        return _ClientContext(self, client, self.round_index, stream=FINETUNE_STREAM, final=final)
+
+    def _fine_tunes(self, final: bool) -> bool:
+        """True when the method trains clients before this evaluation (`Method.finetune_phases`)."""
+        ctx = self._finetune_context(self.training_clients[0], final)
+        return bool(self.method.finetune_phases(self.model, ctx))
+
+    def _shared_body_evaluation(self, final: bool = True) -> bool:
         """True when clients differ at most in the head and the method evaluates in the default way."""
         method = type(self.method)
         if (method.evaluate is not Method.evaluate or method.broadcast is not Method.broadcast
-                or self.method.finetune_epochs()):
+                or self._fine_tunes(final)):
             return False
         try:
             head = head_entries(self.model)
@@ -438,32 +505,25 @@ class Simulation:
 
     @property
     def _after_local(self) -> bool:
-        return self.cfg.train.eval_timing == "after-local"
+        """The round's trained clients are scored as their local training left them."""
+        return self.cfg.train.eval_timing in ("after-local", "reference")
 
     @property
     def has_global_view(self) -> bool:
         """The server holds one complete model: nothing is personal and the method exposes it."""
         return not self.personal_names and self.method.global_view() is not None
 
-    def _evaluates_the_global_model(self) -> bool:
+    def _evaluates_the_global_model(self, final: bool = True) -> bool:
         """True when each client's personalized evaluation runs exactly the server's global view."""
         method = type(self.method)
         return (method.broadcast is Method.broadcast and method.global_view is Method.global_view
-                and method.evaluate is Method.evaluate and not self.method.finetune_epochs())
+                and method.evaluate is Method.evaluate and not self._fine_tunes(final))
 
-    def _finetune(self, client: int) -> int:
-        """Train the loaded model on `client`'s own data through the one batch loop; samples trained."""
-        epochs = self.method.finetune_epochs()
-        if not epochs:
-            return 0
-        self.model.train()
-        ctx = _ClientContext(self, client, self.round_index, stream=FINETUNE_STREAM)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        stats = ctx.train_epochs(self.forward_model, params, epochs)
-        loss = float(stats.loss_sum)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(self.round_index, client, loss)
-        return stats.samples
+    def _finetune(self, client: int, final: bool) -> TrainStats:
+        """Train the loaded model on `client`'s own data through the one phase loop."""
+        ctx = self._finetune_context(client, final)
+        phases = self.method.finetune_phases(self.model, ctx)
+        return self.clients.run_phases(ctx, phases) if phases else TrainStats(torch.zeros(()), 0)
 
     @torch.inference_mode()
     def _evaluate_loaded(self, client: int, result: EvalResult, splits: Sequence[str] = ("test", "val")) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -40,6 +41,16 @@ def build_model(cfg: ModelConfig, *, image_size: int, in_chans: int, num_classes
     if cfg.pretrained_path:
         load_weights(model, cfg.pretrained_path)
     return model
+
+
+def model_width(cfg: ModelConfig) -> int:
+    """The token width of the ViT `cfg` describes (a timm name is built on the meta device to read it)."""
+    if cfg.name == "vit":
+        return cfg.embed_dim
+    with torch.device("meta"):
+        model = _timm_vit(dataclasses.replace(cfg, pretrained=False, pretrained_path=""),
+                          image_size=max(cfg.image_size, 0) or 224, in_chans=3, num_classes=10)
+    return int(model.embed_dim)
 
 
 def _timm_vit(cfg: ModelConfig, *, image_size: int, in_chans: int, num_classes: int) -> VisionTransformer:

@@ -21,6 +21,7 @@ from .config import (
     RunConfig, assign, check_ranges, layer_items, load_config_file, load_preset, parse_override, require,
 )
 from .errors import UserError
+from .models import model_width
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class RunSpec:
             assign(cfg, "device", self.device)
         if self.data_root is not None:
             cfg.dataset.root = self.data_root
+        cfg.method.scale_to_width(model_width(cfg.model))
         validate(cfg)
         return cfg
 

@@ -363,6 +363,7 @@ class RunRecorder(Callback):
             "device": str(sim.device),
             "parameters": str(sim.num_parameters),
             "personal_parameters": str(sim.num_personal_parameters),
+            "communicated_parameters": str(sim.num_communicated_parameters),
         }
         # Tags like the parameter counts above: descriptive numbers, not settings (params are the config).
         tags |= {f"info.{k}": str(v) for k, v in sim.method.run_info().items()}

@@ -81,6 +81,26 @@ def common_space(trial: Any) -> dict[str, Any]:
     }
 
 
+def startup_trials(trials: int) -> int:
+    """TPE's random start: about a third of the budget, at least 2, so most trials are TPE's own."""
+    return max(2, round(trials / 3))
+
+
+def budget_keys(method: str, opted_in: Sequence[str] = ()) -> set[str]:
+    """The keys tuning leaves out for `method`: its budget (`Method.budget`) less those named with
+    `--search-budget`; a named key that is not in its budget, or that no space searches, is refused."""
+    budget = set(METHODS.get(method).budget())
+    probe = _Probe()
+    suggest(probe, method, set())
+    for key in opted_in:
+        if key not in budget:
+            raise UserError(f"bad --search-budget {key!r}: not a budget key of {method};"
+                            f" its budget keys are: {', '.join(sorted(budget))}")
+        if key not in probe.ranges:
+            raise UserError(f"bad --search-budget {key!r}: no search space of {method} has a range for it")
+    return budget - set(opted_in)
+
+
 class _Skip:
     """Wraps a trial: names in `fixed` are not suggested (the caller drops their None)."""
 
@@ -115,7 +135,8 @@ class _Probe:
 
 
 def suggest(trial: Any, method: str, fixed: set[str]) -> dict[str, Any]:
-    """A trial's settings: the common knobs, then the method's own; keys in `fixed` left out."""
+    """A trial's settings: the common knobs, then the method's own; keys in `fixed` (the keys set
+    with `--set` and the budget, see `budget_keys`) left out."""
     skip = _Skip(trial, fixed)
     chosen = {**common_space(skip), **METHODS.get(method).search_space(skip)}
     return {k: v for k, v in chosen.items() if v is not None}
@@ -245,6 +266,7 @@ class TuneRequest:
     pruner: str = "median"
     timeout: float | None = None  # seconds for this command's trials; None = no limit
     workers: int = 1  # worker processes on this machine
+    search_budget: tuple[str, ...] = ()  # budget keys searched all the same (`--search-budget`)
     tracking_uri: str | None = None
     experiment: str = "pflbench"
 
@@ -254,7 +276,7 @@ class TuneRequest:
     @classmethod
     def from_json(cls, text: str) -> TuneRequest:
         data = json.loads(text)
-        return cls(**{**data, "spec": RunSpec(**data["spec"])})
+        return cls(**{**data, "spec": RunSpec(**data["spec"]), "search_budget": tuple(data["search_budget"])})
 
 
 @dataclass
@@ -285,6 +307,14 @@ class TuneResult:
     ran_here: int = 0  # trials started by this command
     per_worker: dict[str, int] = field(default_factory=dict)
     errors: list[TrialRow] = field(default_factory=list)  # trials of this command that raised (exit status 1)
+    default: TrialRow | None = None  # trial 0 (the defaults), when it completed: how far tuning moved
+
+    @property
+    def gain(self) -> float | None:
+        """Best val_acc_mean minus the defaults' (trial 0's)."""
+        if self.best is None or self.default is None:
+            return None
+        return self.best.value - self.default.value
 
 
 def _rows(study: optuna.Study) -> list[TrialRow]:
@@ -322,7 +352,7 @@ class _Study:
             raise UserError(f"bad --trials {req.trials}: must be >= 1")
         if req.workers < 1:
             raise UserError(f"bad --workers {req.workers}: must be >= 1")
-        self.fixed = _fixed_keys(req.spec)
+        self.fixed = _fixed_keys(req.spec) | budget_keys(req.method, req.search_budget)
         self.name = req.study or f"{req.method}-{req.dataset}-{config_hash(self.base)[:8]}"
         self.storage_url = req.storage or default_storage(self.tracking_uri)
         self.storage = open_storage(self.storage_url)
@@ -332,7 +362,7 @@ class _Study:
             int(np.random.SeedSequence([self.base.seed, os.getpid()]).generate_state(1)[0])
         self.study = optuna.create_study(
             study_name=self.name, storage=self.storage, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner,
+            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(req.trials)), pruner=pruner,
         )
         self.parent_run_id = parent_run_id
         self._images = None
@@ -444,12 +474,15 @@ def run_tune(req: TuneRequest, on_update: Callable[[list[TrialRow]], None] | Non
         rows = _rows(st.study)
         done = [r for r in rows if r.state == "COMPLETE" and r.value is not None]
         best = max(done, key=lambda r: (r.value, -r.number)) if done else None
+        default = next((r for r in done if r.number == 0), None)  # trial 0 runs the defaults
         best_config, path = "", None
         if best is not None:
             spec = req.spec.with_overrides(*(_as_override(k, v) for k, v in best.params.items()))
             best_config = to_toml(spec.resolve(req.method, req.dataset))
             parent.log_text(best_config, "best_config.toml")
-            parent.log_metrics({"best_val_acc_mean": best.value, "trials": len(rows)})
+            moved = {"default_val_acc_mean": default.value, "tuning_gain": best.value - default.value} \
+                if default is not None else {}
+            parent.log_metrics({"best_val_acc_mean": best.value, "trials": len(rows), **moved})
             parent.set_tags({"pflbench.best_trial": best.number, "pflbench.best_run_id": best.run_id})
             path = Path(f"{st.name}.best_config.toml").resolve()
             path.write_text(best_config)
@@ -460,7 +493,7 @@ def run_tune(req: TuneRequest, on_update: Callable[[list[TrialRow]], None] | Non
     command = (f"bench run --method {req.method} --dataset {req.dataset} --config {path.name}" if path else "")
     errors = [r for r in rows if r.number not in before and r.error]
     return TuneResult(st.name, st.storage_url, rows, best, best_config, path, parent.run_id or "", command,
-                      sum(1 for r in rows if r.number not in before), dict(sorted(per_worker.items())), errors)
+                      sum(1 for r in rows if r.number not in before), dict(sorted(per_worker.items())), errors, default)
 
 
 def worker_environments(k: int) -> list[dict[str, str]]:

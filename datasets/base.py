@@ -214,10 +214,8 @@ class FederatedData:
     def train_batches(
         self, client: int, epochs: float, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`epochs` shuffled passes over a client's training samples.
+        """`epochs` shuffled passes over a client's training samples (as `shuffled_positions` orders them).
 
-        A fractional part is the first share of one more shuffled pass (at
-        least one sample), so a budget of 0.5 epochs sees half the samples.
         Each epoch's order, crop offsets and flips are drawn on the CPU (in
         the order `prepare` draws them batch by batch) into one tensor that
         goes to the device in one non-blocking copy: the batch loop never
@@ -243,6 +241,23 @@ class FederatedData:
                     part = table[1:, start : start + batch_size]
                     x = self._crop_flip(x, part[0], part[1], part[2] if self.hflip else None)
                 yield self._finish(x), self.labels[batch]
+
+    def shuffled_positions(
+        self, count: int, epochs: float, batch_size: int, generator: torch.Generator
+    ) -> Iterator[torch.Tensor]:
+        """Batches of positions in `range(count)`: `epochs` shuffled passes.
+
+        A fractional part is the first share of one more shuffled pass (at
+        least one sample), so a budget of 0.5 epochs sees half the samples.
+        Each epoch's order reaches the device in one non-blocking copy.
+        """
+        whole = int(epochs)
+        for epoch in range(math.ceil(epochs)):
+            order = to_device(torch.randperm(count, generator=generator), self.device)
+            if epoch == whole:  # the fractional pass
+                order = order[: max(1, round((epochs - whole) * count))]
+            for start in range(0, len(order), batch_size):
+                yield order[start : start + batch_size]
 
     def eval_batches(self, client: int, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """A client's val or test samples in order, without augmentation."""

@@ -40,7 +40,8 @@ PAPER_SETTINGS = (
 )
 COLUMNS = ("dataset", "setting_hash", "setting", "method", "status", "n", "seeds", "test_acc_mean", "ci_low",
            "ci_high", "test_acc_weighted", "client_acc_std", "worst10_acc", "novel_test_acc_mean",
-           "bytes_up_per_round", "train_samples_per_round", "train_seconds", "diff_vs_best", "diff_low", "diff_high", "vs_best", "run_ids")
+           "parameters", "personal_parameters", "bytes_up_per_round", "train_flops_per_round", "train_samples_per_round",
+           "train_seconds", "diff_vs_best", "diff_low", "diff_high", "vs_best", "run_ids")
 
 
 @dataclass
@@ -59,6 +60,9 @@ class RunRow:
     version: str = ""
     commit: str = ""
     train_samples_per_round: float = math.nan  # mean over the rounds of `train_samples`, fine-tuning included
+    train_flops_per_round: float = math.nan  # mean over the rounds of `train_flops`, fine-tuning included
+    parameters: float = math.nan  # the model's parameters (tag pflbench.parameters)
+    personal_parameters: float = math.nan  # of which never leave the client (tag pflbench.personal_parameters)
 
     @property
     def seconds(self) -> float:
@@ -79,6 +83,9 @@ class Cell:
     novel: float = math.nan
     bytes_up: float = math.nan
     train_samples: float = math.nan  # per round
+    flops: float = math.nan  # training FLOPs per round
+    parameters: float = math.nan  # total, as the runs recorded
+    personal_parameters: float = math.nan
     seconds: float = math.nan
     diff: stats.Interval | None = None  # paired difference to the best method (None for the best)
     verdict: str = ""  # best | not distinguishable | worse | better | too few seeds | pending
@@ -122,6 +129,12 @@ class Cell:
     def bytes_text(self) -> str:
         return _count(self.bytes_up)
 
+    @property
+    def params_text(self) -> str:
+        if math.isnan(self.parameters):
+            return ""
+        return f"{_si(self.parameters)} / {_si(self.personal_parameters)}"
+
 
 @dataclass
 class Section:
@@ -154,6 +167,16 @@ class Board:
 
 def _count(value: float) -> str:
     return "" if value is None or math.isnan(value) else f"{value:,.0f}"
+
+
+def _si(value: float) -> str:
+    """3 significant digits with an SI suffix: 307k, 1.23M, 45.6G, 1.20T."""
+    if value is None or math.isnan(value):
+        return ""
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.0f}"
 
 
 def _num(value: float, digits: int) -> str:
@@ -206,6 +229,9 @@ def _cell(method: str, runs: Sequence[RunRow]) -> Cell:
     cell.novel = mean([r.metrics.get("novel_test_acc_mean", math.nan) for r in kept])
     cell.bytes_up = mean([r.metrics.get("bytes_up", math.nan) for r in kept])
     cell.train_samples = mean([r.train_samples_per_round for r in kept])
+    cell.flops = mean([r.train_flops_per_round for r in kept])
+    cell.parameters = mean([r.parameters for r in kept])
+    cell.personal_parameters = mean([r.personal_parameters for r in kept])
     cell.seconds = mean([r.seconds for r in kept])
     if dropped:
         by_seed: dict[int, int] = {}
@@ -280,6 +306,13 @@ def parse_client_accuracy(text: str | None) -> list[float]:
     return [float(row["test_acc"]) for row in csv.DictReader(io.StringIO(text)) if row.get("test_acc")]
 
 
+def _tag_number(tags: dict[str, str], key: str) -> float:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return math.nan
+
+
 def collect(tracking_uri: str | None, experiment: str, stage: str = "final") -> list[RunRow]:
     """The finished runs of `stage` in `experiment`, with their per-client accuracy."""
     from ..benchmark.tracking import experiment_exists, find_runs, metric_mean, read_text_artifact
@@ -300,6 +333,8 @@ def collect(tracking_uri: str | None, experiment: str, stage: str = "final") -> 
             parse_client_accuracy(read_text_artifact(tracking_uri, r.run_id, "client_accuracy.csv")),
             tags.get("pflbench.version", ""), tags.get("pflbench.git_commit", ""),
             metric_mean(tracking_uri, r.run_id, "train_samples"),
+            metric_mean(tracking_uri, r.run_id, "train_flops"),
+            _tag_number(tags, "pflbench.parameters"), _tag_number(tags, "pflbench.personal_parameters"),
         ))
     return rows
 
@@ -319,8 +354,9 @@ def _csv_rows(board: Board) -> list[dict[str, str]]:
                 "seeds": " ".join(map(str, c.seeds)), "test_acc_mean": _num(c.acc.mean, 6),
                 "ci_low": _num(c.acc.lo, 6), "ci_high": _num(c.acc.hi, 6), "test_acc_weighted": _num(c.weighted, 6),
                 "client_acc_std": _num(c.std, 6), "worst10_acc": _num(c.worst, 6),
-                "novel_test_acc_mean": _num(c.novel, 6), "bytes_up_per_round": _num(c.bytes_up, 0),
-                "train_samples_per_round": _num(c.train_samples, 1),
+                "novel_test_acc_mean": _num(c.novel, 6), "parameters": _num(c.parameters, 0),
+                "personal_parameters": _num(c.personal_parameters, 0), "bytes_up_per_round": _num(c.bytes_up, 0),
+                "train_flops_per_round": _num(c.flops, 0), "train_samples_per_round": _num(c.train_samples, 1),
                 "train_seconds": _num(c.seconds, 1), "diff_vs_best": _num(d.mean, 6) if d else "",
                 "diff_low": _num(d.lo, 6) if d else "", "diff_high": _num(d.hi, 6) if d else "",
                 "vs_best": "" if c.verdict == "pending" else c.verdict, "run_ids": " ".join(c.run_ids),
@@ -338,14 +374,14 @@ def results_csv(board: Board) -> str:
 
 
 TABLE_HEAD = ("method", "n", "test_acc_mean ± 95% CI", "vs best (paired 95% CI)", "weighted", "client std",
-              "worst 10%", "novel", "bytes up/round", "train samples/round", "train s")
+              "worst 10%", "novel", "params (total / personal)", "bytes up/round", "FLOPs/round", "train s")
 
 
 def _table_cells(c: Cell) -> list[str]:
     if c.verdict == "pending":
-        return [c.method, "0", c.pending_text, "", "", "", "", "", "", "", ""]
+        return [c.method, "0", c.pending_text] + [""] * (len(TABLE_HEAD) - 3)
     return [c.method, str(c.n), c.acc_text, c.vs_best_text, _num(c.weighted, 4), _num(c.std, 4), c.worst_text,
-            _num(c.novel, 4), c.bytes_text, _count(c.train_samples), _num(c.seconds, 1)]
+            _num(c.novel, 4), c.params_text, c.bytes_text, _si(c.flops), _num(c.seconds, 1)]
 
 
 def _provenance(board: Board) -> list[str]:
@@ -360,9 +396,11 @@ def _provenance(board: Board) -> list[str]:
                  f"{stats.PAIRED_METHOD} (a seed fixes the partition for every method); ≈ = not distinguishable "
                  f"from the best (the interval contains 0), < = worse. Fairness from each run's client_accuracy.csv: "
                  f"std of per-client accuracy and the mean of the worst 10% of clients, averaged over seeds. "
-                 f"\"novel\": accuracy on held-out clients where the method reports it. Train samples/round: "
-                 f"samples through a backward pass per round (fine-tuning included), mean over rounds and seeds: "
-                 f"the compute each method spent. Train s: wall time of a run.")
+                 f"\"novel\": accuracy on held-out clients where the method reports it. Params: the model's parameters, "
+                 f"total / those that never leave the client. FLOPs/round: forward and backward of everything the "
+                 f"clients trained in a round (fine-tuning and head-only phases included), mean over rounds and "
+                 f"seeds: the compute each method spent (results.csv also has train samples per round). "
+                 f"Train s: wall time of a run.")
     return lines
 
 
@@ -453,7 +491,7 @@ tr.pending td { color: #888; }
 
 def _sort_value(c: Cell, i: int) -> str:
     numeric = [None, c.n, c.acc.mean, c.diff.mean if c.diff else (0.0 if c.verdict == "best" else None),
-               c.weighted, c.std, c.worst, c.novel, c.bytes_up, c.train_samples, c.seconds]
+               c.weighted, c.std, c.worst, c.novel, c.parameters, c.bytes_up, c.flops, c.seconds]
     v = numeric[i]
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return c.method if i == 0 else ""

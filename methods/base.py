@@ -9,7 +9,7 @@ differs from FedAvg (the base behaviour here):
                                    `start_aggregation` / `add_update` / `finish_aggregation`
 
 Optional: `adapt_model` (add modules before training), `evaluate`,
-`finetune_epochs` (train on the client's own data before evaluating),
+`finetune_phases` (train on the client's own data before evaluating),
 `global_view` (the one model the server holds, for `global_test_acc_mean`),
 `search_space` (the method's tuning space, duck-typed over an Optuna trial),
 `run_info` (numbers logged at run start), and the held-out ("novel") client
@@ -39,18 +39,21 @@ if TYPE_CHECKING:
 class TrainStats:
     """The summed loss (a device tensor, so no sync per batch) over `samples` samples.
 
-    `samples` went through a backward pass; `forward_samples` were only forwarded.
-    The engine sums both over a round (`train_samples`, `forward_samples`) so
-    that each method's compute is on record.
+    `samples` went through a backward pass; `forward_samples` were only forwarded;
+    `flops` is the training work itself (forward and backward of what ran).
+    The engine sums them over a round (`train_samples`, `forward_samples`,
+    `train_flops`) so that each method's compute is on record.
     """
 
     loss_sum: torch.Tensor
     samples: int
     forward_samples: int = 0
+    flops: float = 0.0
 
     def __add__(self, other: TrainStats) -> TrainStats:
         return TrainStats(
-            self.loss_sum + other.loss_sum, self.samples + other.samples, self.forward_samples + other.forward_samples
+            self.loss_sum + other.loss_sum, self.samples + other.samples, self.forward_samples + other.forward_samples,
+            self.flops + other.flops,
         )
 
     def mean(self) -> float:
@@ -75,14 +78,18 @@ class Phase:
     """One stage of a client's local update, run by the engine: SGD on `params` for `epochs` passes.
 
     Every other parameter is frozen during the phase (no gradient is computed
-    for it). `forward(model, x)` returns logits (default: `model(x)`); FedRep's
-    head phase passes one that runs the body under no_grad. Because a phase is
+    for it). `forward(model, x)` returns logits (default: `model(x)`). With
+    `features`, the phase first maps the client's training images, without
+    augmentation, through `features(model, x)` once (no gradient), and its
+    epochs then train `forward(model, features)` on those: FedRep's head epochs
+    on a frozen body cost one body pass, not one per epoch. Because a phase is
     data, the engine can run it for one client or for several clients at once.
     """
 
     params: tuple[str, ...]  # names of the parameters trained in this phase
     epochs: float  # passes over the client's training data (a fraction ends part-way through one)
-    forward: Forward | None = None  # logits of a batch; None = model(x)
+    forward: Forward | None = None  # logits of a batch (of features, with `features`); None = model(x)
+    features: Forward | None = None  # computed once per phase from the unaugmented images; None = train on images
 
 
 class LocalContext(Protocol):
@@ -90,6 +97,7 @@ class LocalContext(Protocol):
 
     client: int  # the client being trained
     round_index: int  # the current round, from 1
+    final: bool  # fine-tuning only: this is the run's last evaluation (held-out clients' too)
     train: TrainConfig  # local schedule and optimizer settings
     data: FederatedData  # the client's data
     device: torch.device
@@ -118,16 +126,28 @@ class SearchTrial(Protocol):
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
 
 
+# Keys that set how much every method trains: tuning never searches them unless asked to by name.
+COMMON_BUDGET_KEYS = ("train.rounds", "train.local_epochs")
+
+
 class Method:
     """FedAvg (McMahan et al., 2017): every parameter is shared, the server averages them."""
 
     name: ClassVar[str] = ""  # registry key, set by @register
     Options: ClassVar[type[MethodConfig]] = MethodConfig  # the `method.*` config section
+    # The method's own options that set its compute or capacity (epochs, steps, fine-tuning length,
+    # module widths): fixed by its authors' schedule, never bought by tuning.
+    budget_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: MethodConfig | None = None):
         self.options = options if options is not None else self.Options(name=self.name)
         self.global_state: dict[str, torch.Tensor] = {}
         self._running: RunningWeightedMean | None = None
+
+    @classmethod
+    def budget(cls) -> tuple[str, ...]:
+        """Every key that sets this method's compute: the common ones and its own `budget_keys`."""
+        return COMMON_BUDGET_KEYS + tuple(k for k in cls.budget_keys if k not in COMMON_BUDGET_KEYS)
 
     @classmethod
     def description(cls) -> str:
@@ -200,12 +220,15 @@ class Method:
         """
         return self.global_state
 
-    def finetune_epochs(self) -> float:
-        """Epochs each client trains the loaded model on its own training split
-        before its personalized evaluation (0 = evaluate as loaded). The
+    def finetune_phases(self, model: nn.Module, ctx: LocalContext) -> list[Phase]:
+        """Phases each client trains from its loaded model on its own training split
+        before its personalized evaluation (none = evaluate as loaded).
+
+        `ctx.final` tells the run's last evaluation from an intermediate one. The
         fine-tuned weights are evaluated and dropped: they reach neither the
-        server nor the client's next round."""
-        return 0
+        server nor the client's next round.
+        """
+        return []
 
     # -- checkpoints ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from torch import nn
 
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
-from .base import Method, SearchTrial, register
+from .base import LocalContext, Method, Phase, register, trainable_names
 
 
 @dataclass
 class FedAvgFTOptions(MethodConfig):
     """Options of FedAvg-FT (`method.*`)."""
 
-    finetune_epochs: float = 1.0  # epochs each client fine-tunes the global model before it is evaluated
+    finetune_epochs: float = 1.0  # epochs each client fine-tunes the global model before the final evaluation
+    finetune_every_eval: bool = False  # fine-tune before every evaluation, not only the final one (costs compute)
 
     def validate(self) -> None:
         if not self.finetune_epochs > 0:
@@ -27,10 +29,10 @@ class FedAvgFT(Method):
 
     Options = FedAvgFTOptions
     options: FedAvgFTOptions
+    budget_keys = ("method.finetune_epochs", "method.finetune_every_eval")
 
-    def finetune_epochs(self) -> float:
-        return self.options.finetune_epochs
-
-    @classmethod
-    def search_space(cls, trial: SearchTrial) -> dict[str, Any]:
-        return {"method.finetune_epochs": trial.suggest_categorical("method.finetune_epochs", [1.0, 2.0, 5.0])}
+    def finetune_phases(self, model: nn.Module, ctx: LocalContext) -> list[Phase]:
+        """Every parameter for `finetune_epochs`, before the final evaluation (or every one, if asked)."""
+        if not (ctx.final or self.options.finetune_every_eval):
+            return []
+        return [Phase(trainable_names(model), self.options.finetune_epochs)]

@@ -19,13 +19,18 @@ from .structure import block_entries, entries_under, head_entries, module_names,
 class FedPerfixOptions(MethodConfig):
     """The plugin's size and strength, and how many blocks stay personal."""
 
-    mid_dim: int = 256  # hidden width of each plugin (reference: 256)
+    mid_dim: int = 0  # hidden width of each plugin; 0 = 2/3 of the model's width (the reference's 256 at ViT-S)
     scale: float = 1.5  # weight of the plugin's keys and values (reference: 1.5)
     personal_blocks: int = 0  # the last N transformer blocks are personal too
 
+    def scale_to_width(self, width: int) -> None:
+        # The reference's 256 is 2/3 of ViT-S's 384: at width 96 a 256-wide plugin would double the model.
+        if self.mid_dim == 0:
+            self.mid_dim = max(1, round(2 * width / 3))
+
     def validate(self) -> None:
         if self.mid_dim < 1:
-            raise UserError(f"bad value for method.mid_dim: {self.mid_dim} (must be >= 1)")
+            raise UserError(f"bad value for method.mid_dim: {self.mid_dim} (must be >= 1; 0 = 2/3 of the width)")
         if self.scale < 0:
             raise UserError(f"bad value for method.scale: {self.scale} (must be >= 0)")
         if self.personal_blocks < 0:
@@ -79,6 +84,7 @@ class FedPerfix(Method):
     """FedPerfix (Sun et al., ICCV 2023): personal prefix plugins on keys and values, plus a personal head."""
 
     Options = FedPerfixOptions
+    budget_keys = ("method.mid_dim",)  # the plugins' width: capacity and FLOPs
 
     def adapt_model(self, model: nn.Module) -> nn.Module:
         depth = len(transformer_blocks(model))
@@ -86,6 +92,7 @@ class FedPerfix(Method):
             raise UserError(
                 f"bad value for method.personal_blocks: {self.options.personal_blocks} (the model has {depth} blocks)"
             )
+        self.options.scale_to_width(model.embed_dim)  # options made without a resolved config
         add_plugins(model, self.options.mid_dim, self.options.scale)
         return model
 
@@ -97,8 +104,8 @@ class FedPerfix(Method):
 
     @classmethod
     def search_space(cls, trial: SearchTrial) -> dict[str, Any]:
+        # The plugin's width is capacity and compute (a budget key), fixed by the reference's ratio.
         return {
-            "method.mid_dim": trial.suggest_categorical("method.mid_dim", [64, 128, 256, 512]),
             "method.scale": trial.suggest_float("method.scale", 0.25, 4.0, log=True),
             "method.personal_blocks": trial.suggest_int("method.personal_blocks", 0, 1),
         }

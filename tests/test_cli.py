@@ -118,7 +118,7 @@ def test_dry_run_explain_describes_every_key_and_its_sentinels(capsys, tracking_
     assert all("  # " in line for line in lines.values())  # each with its description
     assert "token width" in lines["model.embed_dim"]
     assert "[here: the dataset's native size]" in lines["model.image_size"]
-    assert "[here: what head_epochs leaves of the budget]" in lines["method.body_epochs"]
+    assert "Collins" not in lines["method.head_epochs"] and "reference: 10" in lines["method.head_epochs"]
     assert "[here: the run's seed]" in lines["data.partition_seed"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import pytest
@@ -102,12 +103,12 @@ def test_the_round_aggregates_without_holding_every_update(monkeypatch):
 
 
 def test_fedrep_declares_a_head_phase_then_a_body_phase():
-    sim = Simulation(tiny_config("fedrep", "method.head_epochs=2", "method.body_epochs=3"))
+    sim = Simulation(tiny_config("fedrep", "method.head_epochs=2", "train.local_epochs=3"))
     head = head_entries(sim.model)
     ctx = type("Ctx", (), {"train": sim.cfg.train, "client": 0, "round_index": 1})()
     head_phase, body_phase = sim.method.local_phases(sim.model, ctx)
     assert set(head_phase.params) == {n for n, _ in sim.model.named_parameters() if n in head}
-    assert head_phase.epochs == 2 and head_phase.forward is not None
+    assert head_phase.epochs == 2 and head_phase.forward is not None and head_phase.features is not None
     assert set(body_phase.params) == {n for n, _ in sim.model.named_parameters()} - head
     assert body_phase.epochs == 3 and body_phase.forward is None
     base = Simulation(tiny_config("fedavg", "train.local_epochs=2"))
@@ -116,9 +117,17 @@ def test_fedrep_declares_a_head_phase_then_a_body_phase():
     assert set(only.params) == {n for n, _ in base.model.named_parameters()} and only.epochs == 2
 
 
-def test_fedrep_head_phase_trains_only_the_head_when_clients_train_together():
+def _head_on_a_frozen_body(model, x):
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+    return model.get_classifier()(features)
+
+
+def test_a_head_only_phase_trains_only_the_head_when_clients_train_together():
     sim = Simulation(tiny_config("fedrep", "method.head_epochs=1", "train.parallel_clients=4"))
-    sim.method.local_phases = lambda model, ctx, inner=sim.method.local_phases: inner(model, ctx)[:1]
+    # FedRep's head phase on images (its own runs on precomputed features, one client at a time).
+    sim.method.local_phases = lambda model, ctx, inner=sim.method.local_phases: [
+        dataclasses.replace(inner(model, ctx)[0], forward=_head_on_a_frozen_body, features=None)]
     before = {n: t.clone() for n, t in sim.method.global_state.items()}
     heads = {c: {n: t.clone() for n, t in sim.personal_state(c).items()} for c in range(4)}
     sim.run_round()

@@ -43,20 +43,27 @@ def test_the_global_view_is_logged_only_where_the_server_holds_one_model():
         assert "global_test_acc_mean" not in metrics, method
 
 
-def test_fedavg_ft_is_fedavg_plus_a_fine_tune_that_never_leaks():
+@pytest.mark.parametrize("every_eval", [False, True])
+def test_fedavg_ft_is_fedavg_plus_a_fine_tune_that_never_leaks(every_eval):
     overrides = ("train.rounds=3", "train.sample_fraction=0.5", "train.eval_every=1")
     plain = Simulation(tiny_config("fedavg", *overrides))
-    tuned = Simulation(tiny_config("fedavg_ft", *overrides, "method.finetune_epochs=2"))
+    tuned = Simulation(tiny_config("fedavg_ft", *overrides, "method.finetune_epochs=2",
+                                   f"method.finetune_every_eval={str(every_eval).lower()}"))
     a, b = plain.run().history, tuned.run().history
     # The server and the clients' training never see the fine-tuned weights.
     for x, y in zip(a, b):
         for key in ("train_loss", "bytes_up", "global_test_acc_mean", "global_test_acc_weighted"):
             assert x[key] == y[key], key
-        fine_tuned = sum(2 * tuned.data.num_samples(c) for c in tuned.training_clients)
-        assert y["train_samples"] == x["train_samples"] + fine_tuned
+    fine_tuned = sum(2 * tuned.data.num_samples(c) for c in tuned.training_clients)
+    for r, (x, y) in enumerate(zip(a, b), 1):
+        # By default only the final evaluation fine-tunes; an intermediate one is FedAvg's model itself.
+        fine_tunes = every_eval or r == len(a)
+        assert y["train_samples"] == x["train_samples"] + (fine_tuned if fine_tunes else 0)
+        if not fine_tunes:
+            assert y["test_acc_mean"] == x["test_acc_mean"]
     for name, value in plain.method.global_state.items():
         assert torch.equal(value, tuned.method.global_state[name]), name
-    assert any(x["test_acc_mean"] != y["test_acc_mean"] for x, y in zip(a, b))
+    assert a[-1]["test_acc_mean"] != b[-1]["test_acc_mean"]
 
 
 def test_fedavg_ft_evaluates_the_global_model_fine_tuned_on_the_clients_own_data():
@@ -111,3 +118,61 @@ def test_after_local_evaluates_the_sampled_clients_as_local_training_left_them()
 def test_eval_timing_names_the_key():
     with pytest.raises(UserError, match="train.eval_timing"):
         tiny_config("fedavg", "train.eval_timing=sometimes")
+
+
+def _test_correct(sim, client: int, state: dict) -> int:
+    model = sim.model
+    with torch.no_grad():
+        for name, value in state.items():
+            sim._entries[name].copy_(value)
+    model.eval()
+    with torch.no_grad():
+        return sum(int((model(x).argmax(1) == y).sum()) for x, y in sim.data.eval_batches(client, "test", 512))
+
+
+def test_reference_timing_scores_every_client_the_sampled_ones_after_local_training():
+    sim = Simulation(tiny_config("fedper", "train.rounds=2", "train.sample_fraction=0.5",
+                                 "train.eval_timing=reference"))
+    rounds = recorded_updates(sim)
+    sim.run_round()
+    broadcast = {n: t.clone() for n, t in sim.method.global_state.items()}
+    personal_before = {c: {n: t.clone() for n, t in sim.personal_state(c).items()} for c in range(sim.data.num_clients)}
+    metrics = sim.run_round()
+    result = sim.last_eval
+    sampled = {u.client: u for u in rounds[-1]}
+    assert 0 < len(sampled) < sim.data.num_clients
+    assert all(result.test_count[c] > 0 for c in range(sim.data.num_clients))  # every client is scored
+    for c in range(sim.data.num_clients):
+        if c in sampled:  # as its local training left it: its upload and its new personal part
+            state = {**sampled[c].params, **sim.personal_state(c)}
+        else:  # the round's broadcast and its own (untouched) personal part
+            assert all(torch.equal(sim.personal_state(c)[n], t) for n, t in personal_before[c].items())
+            state = {**broadcast, **personal_before[c]}
+        assert _test_correct(sim, c, state) == result.test_correct[c], c
+    accs = result.test_correct / result.test_count
+    assert metrics["test_acc_mean"] == pytest.approx(float(accs.mean()))
+
+
+def test_precision_sets_the_autocast_dtype():
+    from pflbench.benchmark.engine import autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cuda) == torch.bfloat16 and autocast_dtype("auto", cpu) is None
+    assert autocast_dtype("fp32", cuda) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    sim = Simulation(tiny_config("fedavg", "train.rounds=1", "train.precision=bf16"))
+    x, _ = next(sim.data.eval_batches(0, "test", 8))
+    with sim.autocast():
+        assert sim.model(x).dtype == torch.bfloat16
+    with pytest.raises(UserError, match="train.precision"):
+        tiny_config("fedavg", "train.precision=fp16")
+
+
+@pytest.mark.parametrize("preset,dataset", [("paper-cifar100", "cifar100"), ("paper-organamnist", "organamnist"),
+                                            ("paper-officehome", "officehome")])
+def test_the_paper_presets_evaluate_and_train_as_the_reference(preset, dataset):
+    from pflbench.benchmark.resolve import resolve_config
+
+    cfg = resolve_config("fedavg", dataset, preset=preset)
+    assert cfg.train.eval_timing == "reference" and cfg.train.precision == "fp32"
+    if dataset == "officehome":  # the reference's Office-Home generator: no N/K cap, >= 20 / 0.15 samples a client
+        assert not cfg.data.dirichlet_cap and cfg.data.min_samples == math.ceil(20 / 0.15)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,6 +119,43 @@ def test_the_search_space_resolves_to_valid_config_keys(method, high):
     for key, value in space.items():
         resolved = getattr(cfg.method, key.split(".", 1)[1])
         assert (",".join(resolved) if isinstance(resolved, list) else resolved) == value
+
+
+class RandomTrial(FakeTrial):
+    """Answers a seeded random point of each range (log ranges sampled in log space)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.rng = np.random.default_rng(seed)
+
+    def suggest_float(self, name, low, high, *, log=False):
+        self.asked.append(name)
+        return float(np.exp(self.rng.uniform(np.log(low), np.log(high))) if log else self.rng.uniform(low, high))
+
+    def suggest_int(self, name, low, high, *, log=False):
+        self.asked.append(name)
+        return int(self.rng.integers(low, high + 1))
+
+    def suggest_categorical(self, name, choices):
+        self.asked.append(name)
+        return list(choices)[int(self.rng.integers(len(choices)))]
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_tuning_cannot_buy_compute(method):
+    """At sampled points of the whole space tuning searches, a round costs what the defaults cost (within 10%)."""
+    from pflbench.benchmark.tuning import budget_keys, suggest
+
+    budget = budget_keys(method)
+    assert {"train.rounds", "train.local_epochs"} <= budget
+    baseline = _sim(method, "train.rounds=1").run().history[-1]["train_flops"]
+    assert baseline > 0
+    for trial in (FakeTrial(), FakeTrial(high=True), RandomTrial(0), RandomTrial(1)):
+        params = suggest(trial, method, budget)
+        assert not set(params) & budget
+        sim = _sim(method, "train.rounds=1", *(f"{k}={v}" for k, v in params.items()))
+        flops = sim.run().history[-1]["train_flops"]
+        assert abs(flops - baseline) <= 0.1 * baseline, (params, flops, baseline)
 
 
 def test_methods_never_import_optuna():

@@ -22,8 +22,8 @@ from pflbench.benchmark.checkpoint import read_checkpoint, save_checkpoint
 from pflbench.benchmark.cli import main
 from pflbench.benchmark.client import fit_parallel
 from pflbench.benchmark.config import TrainConfig, config_hash
-from pflbench.benchmark.device import CUBLAS_WORKSPACE, autocast_dtype, worker_devices
-from pflbench.benchmark.engine import EvalResult, Simulation, resolve_device
+from pflbench.benchmark.device import CUBLAS_WORKSPACE, worker_devices
+from pflbench.benchmark.engine import EvalResult, Simulation, autocast_dtype, resolve_device
 from pflbench.benchmark.tracking import find_runs
 
 HARD = ["train.rounds=2", "train.momentum=0.9", "train.weight_decay=0.01", "train.max_grad_norm=1.0",
@@ -32,9 +32,7 @@ OOM = "CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has a total capaci
 
 
 # -- 1. bf16 under vmap -------------------------------------------------------------------
-def _bf16(sim: Simulation) -> Simulation:
-    sim.amp_dtype = torch.bfloat16  # CPU bf16 autocast: what CUDA's does, vmap included
-    return sim
+BF16 = "train.precision=bf16"  # CPU bf16 autocast: what CUDA's does, vmap included
 
 
 def _batched_step_dtypes(sim: Simulation) -> tuple[torch.dtype, set[torch.dtype]]:
@@ -57,7 +55,7 @@ def _batched_step_dtypes(sim: Simulation) -> tuple[torch.dtype, set[torch.dtype]
 
 
 def test_the_batched_step_runs_in_bf16_under_autocast_with_fp32_gradients():
-    sim = _bf16(Simulation(tiny_config("fedperfix")))
+    sim = Simulation(tiny_config("fedperfix", BF16))
     logits, grads = _batched_step_dtypes(sim)
     print(f"\nbatched step under CPU bf16 autocast: logits {logits}, gradients {sorted(map(str, grads))}")
     assert logits == torch.bfloat16 and grads == {torch.float32}
@@ -71,7 +69,7 @@ def test_the_batched_step_runs_in_bf16_under_autocast_with_fp32_gradients():
 def test_bf16_clients_trained_together_match_one_at_a_time_within_bf16_tolerance(method):
     sims = {}
     for k in (1, 3):
-        sim = _bf16(Simulation(tiny_config(method, *HARD, f"train.parallel_clients={k}")))
+        sim = Simulation(tiny_config(method, *HARD, BF16, f"train.parallel_clients={k}"))
         sim.run_round()
         sim.run_round()
         sims[k] = sim
@@ -450,15 +448,15 @@ def test_cuda_resolves_to_an_indexed_device(monkeypatch):
 
 
 @pytest.mark.parametrize("precision, device, capability, expected", [
-    ("bf16", "cuda", (9, 0), torch.bfloat16),  # H100
+    ("auto", "cuda", (9, 0), torch.bfloat16),  # H100
     ("bf16", "cuda", (8, 0), torch.bfloat16),  # A100
-    ("bf16", "cuda", (7, 5), None),  # T4: bf16 only emulated -> fp32
-    ("bf16", "cuda", (7, 0), None),  # V100
+    ("auto", "cuda", (7, 5), None),  # T4: bf16 only emulated -> fp32
+    ("bf16", "cuda", (7, 0), None),  # V100, even when asked for
     ("fp32", "cuda", (9, 0), None),
-    ("bf16", "cpu", None, None),
+    ("auto", "cpu", None, None),
 ])
 def test_bf16_needs_compute_capability_8_and_falls_back_to_fp32(precision, device, capability, expected):
-    assert autocast_dtype(precision, device, capability) == expected
+    assert autocast_dtype(precision, torch.device(device), capability) == expected
 
 
 def test_the_simulation_autocasts_to_its_dtype():

@@ -16,7 +16,7 @@ import pytest
 
 from pflbench.benchmark.cli import main
 from pflbench.leaderboard import stats
-from pflbench.leaderboard.build import RunRow, build_board, parse_client_accuracy, write_board
+from pflbench.leaderboard.build import RunRow, _si, build_board, parse_client_accuracy, write_board
 
 from conftest import TINY
 
@@ -94,7 +94,11 @@ def _run(i: int, method: str, seed: int, acc: float, *, start: int = 0, novel: f
     params = {**SETTING, "dataset.name": dataset, "method.name": method, "train.lr": lr, "seed": str(seed)}
     start_ms = 1_790_000_000_000 + 60_000 * i + start
     return RunRow(f"run{i:02d}{method}", method, dataset, seed, start_ms, start_ms + 30_000 + 1000 * i, params,
-                  metrics, [c + acc - 0.7 for c in clients], "0.1.0", "abc123", 500.0 + 100 * len(method) + 10 * seed)
+                  metrics, [c + acc - 0.7 for c in clients], "0.1.0", "abc123", 500.0 + 100 * len(method) + 10 * seed,
+                  1.5e9 * len(method) + 1e6 * seed, 30_000.0 + 1000 * len(method), PERSONAL.get(method, 0.0))
+
+
+PERSONAL = {"fedper": 160.0, "local": 35_000.0, "fedbn": 64.0}  # personal parameters of the fixture runs
 
 
 def fixture_runs() -> list[RunRow]:
@@ -126,6 +130,12 @@ def test_board_groups_dedups_and_compares():
     assert verdicts == {"fedper": "best", "local": "not distinguishable", "fedavg": "worse", "fedbn": "worse"}
     assert next(c for c in digits.cells if c.method == "fedper").novel == 0.5
     assert fedavg.train_samples == pytest.approx(1110.0)  # 500 + 100 * 6 + 10 * seed, over seeds 0-2
+    assert fedavg.flops == pytest.approx(9.001e9)  # 1.5e9 * 6 + 1e6 * seed, over seeds 0-2
+    assert (fedavg.parameters, fedavg.personal_parameters) == (36_000.0, 0.0)
+    assert fedavg.params_text == "36k / 0"
+    fedper = next(c for c in digits.cells if c.method == "fedper")
+    assert fedper.params_text == "36k / 160" and _si(fedper.flops) == "9G"
+    assert next(c for c in digits.cells if c.method == "local").params_text == "35k / 35k"
     other = next(s for s in board.sections if s.dataset == "other")
     assert [(c.method, c.verdict) for c in other.cells] == [  # methods not run there are rows, not gaps
         ("fedavg", "best"), ("fedbn", "pending"), ("fedper", "pending"), ("local", "pending")]

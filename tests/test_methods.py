@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -102,14 +104,14 @@ def test_bytes_up_drop_by_exactly_the_personal_bytes():
 
 
 def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch):
-    sim = Simulation(tiny_config("fedrep", "method.head_epochs=2", "method.body_epochs=1", "train.rounds=1"))
+    sim = Simulation(tiny_config("fedrep", "method.head_epochs=2", "train.rounds=1"))
     model = sim.model
     head = {id(p) for p in model.get_classifier().parameters()}
     names = {id(p): n for n, p in model.named_parameters()}
     calls = []
     original = _ClientContext.train_epochs
 
-    def spy(ctx, model, params, epochs, forward=None):
+    def spy(ctx, model, params, epochs, forward=None, features=None):
         params = list(params)
         grads_seen: set[str] = set()
         # A frozen parameter takes no hook: it cannot receive a gradient at all.
@@ -117,13 +119,13 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
                  for n, p in model.named_parameters() if p.requires_grad]
         before = copy.deepcopy(model.state_dict())
         try:
-            stats = original(ctx, model, params, epochs, forward)
+            stats = original(ctx, model, params, epochs, forward, features)
         finally:
             for h in hooks:
                 h.remove()
         after = model.state_dict()
         changed = {n for n in before if not torch.equal(before[n], after[n])}
-        calls.append(({id(p) for p in params}, epochs, changed, grads_seen, stats.samples))
+        calls.append(({id(p) for p in params}, epochs, changed, grads_seen, stats.samples, features))
         return stats
 
     monkeypatch.setattr(_ClientContext, "train_epochs", spy)
@@ -132,16 +134,55 @@ def test_fedrep_trains_head_then_body_each_with_the_other_untouched(monkeypatch)
     head_names = {names[i] for i in head}
     body_names = set(names.values()) - head_names
     for head_call, body_call in zip(calls[::2], calls[1::2]):
-        h_ids, h_epochs, h_changed, h_grads, h_n = head_call
-        b_ids, b_epochs, b_changed, b_grads, b_n = body_call
-        # Head phase: only the head is optimized, no gradient reaches the body, the body is bit-identical.
-        assert h_ids == head and h_epochs == 2
+        h_ids, h_epochs, h_changed, h_grads, h_n, h_features = head_call
+        b_ids, b_epochs, b_changed, b_grads, b_n, b_features = body_call
+        # Head phase: only the head is optimized, on features; no gradient reaches the body, which is bit-identical.
+        assert h_ids == head and h_epochs == 2 and h_features is not None
         assert h_grads == head_names and h_changed == head_names
-        # Body phase: the head gets no gradient and is bit-identical; the body trains.
-        assert b_ids == {id(p) for p in model.parameters()} - head and b_epochs == 1
+        # Body phase: the client's budget of train.local_epochs; the head gets no gradient and is bit-identical.
+        assert b_ids == {id(p) for p in model.parameters()} - head and b_epochs == sim.cfg.train.local_epochs
+        assert b_features is None
         assert b_grads == body_names and b_changed == body_names
         assert h_n == 2 * b_n  # two head epochs, one body epoch, over the same data
     assert all(p.requires_grad for p in model.parameters())  # the freeze is undone
+
+
+def test_fedrep_head_epochs_train_on_body_features_computed_once_without_augmentation(monkeypatch):
+    sim = Simulation(tiny_config("fedrep", "method.head_epochs=3", "train.rounds=1", "train.sample_fraction=0.25"))
+    (client,) = sim.sample_clients()
+    sim._sampler = np.random.default_rng(sim.seeds["sampling"])  # the round samples that client again
+    model = sim.model
+    bodies = []
+    original = type(model).forward_features
+
+    def counting(self, x, **kwargs):
+        bodies.append(len(x))
+        return original(self, x, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward_features", counting)
+    trained: list[torch.Tensor] = []
+    head = model.get_classifier()
+    head.register_forward_pre_hook(lambda m, args: trained.append(args[0].detach().clone()) if m.training else None)
+    start = {n: t.clone() for n, t in sim.method.global_state.items()}
+    sim.run_round()
+    n, bs = sim.data.num_samples(client), sim.cfg.train.batch_size
+    # (Passes of one sample are the FLOP counter's probes.) The head phase ran the body once over the
+    # client's training images in one evaluation-sized batch; the body phase then once per batch.
+    passes = [b for b in bodies if b > 1 or n % bs == 1]
+    body_batches = math.ceil(n / bs) * sim.cfg.train.local_epochs
+    assert passes[0] == n
+    assert all(b <= bs for b in passes[1 : 1 + body_batches])
+    assert sum(passes[1 : 1 + body_batches]) == n * sim.cfg.train.local_epochs
+    # Those features are the round's broadcast body on the unaugmented images.
+    with torch.no_grad():
+        for name, value in start.items():
+            sim._entries[name].copy_(value)
+        images = torch.cat([x for x, _ in sim.data.eval_batches(client, "train", 512)])
+        expected = model.forward_head(original(model, images), pre_logits=True)
+    head_batches = torch.cat([t for t in trained if len(t) > 1][: 3 * math.ceil(n / bs)])
+    assert head_batches.shape[0] == 3 * n
+    # Each head epoch is a shuffle of the client's features: compare the rows as sorted sets.
+    assert torch.allclose(head_batches.sort(0).values, expected.repeat(3, 1).sort(0).values, atol=1e-5)
 
 
 def _fedrep_schedule(monkeypatch, *overrides: str) -> tuple[list[float], dict[str, float]]:
@@ -150,34 +191,23 @@ def _fedrep_schedule(monkeypatch, *overrides: str) -> tuple[list[float], dict[st
     epochs = []
     original = _ClientContext.train_epochs
 
-    def spy(ctx, model, params, n, forward=None):
+    def spy(ctx, model, params, n, forward=None, features=None):
         epochs.append(n)
-        return original(ctx, model, params, n, forward)
+        return original(ctx, model, params, n, forward, features)
 
     monkeypatch.setattr(_ClientContext, "train_epochs", spy)
     return epochs, sim.run_round()
 
 
-def test_fedrep_spends_the_clients_local_epochs_by_default(monkeypatch):
+def test_fedrep_is_collins_schedule_ten_head_epochs_then_the_body_budget(monkeypatch):
     epochs, metrics = _fedrep_schedule(monkeypatch, "train.local_epochs=3")
-    assert epochs == [1.5, 1.5]  # head_share 0.5 of the budget, the body the rest
+    assert epochs == [10, 3]  # the reference's 10 head epochs, then the body for train.local_epochs
     fedavg = Simulation(tiny_config("fedavg", "train.rounds=1", "train.sample_fraction=0.25", "train.local_epochs=3"))
-    # The same budget as FedAvg on record (a half pass rounds to whole samples: at most one off per phase).
-    assert abs(metrics["train_samples"] - fedavg.run_round()["train_samples"]) <= 2
-    assert _fedrep_schedule(monkeypatch, "method.head_share=0.25", "train.local_epochs=2")[0][-2:] == [0.5, 1.5]
-
-
-def test_fedrep_explicit_epochs_and_the_reference_head(monkeypatch):
-    # An explicit head leaves the body the remainder of the budget.
-    assert _fedrep_schedule(monkeypatch, "method.head_epochs=1", "train.local_epochs=3")[0] == [1, 2]
-    # The reference's 10 head epochs exceed the budget: the body keeps train.local_epochs on top, on record.
-    epochs, metrics = _fedrep_schedule(monkeypatch, "method.head_epochs=10", "train.local_epochs=1")
-    assert epochs[-2:] == [10, 1]
-    sim = Simulation(tiny_config("fedrep", "train.rounds=1", "train.sample_fraction=0.25"))
-    (client,) = sim.sample_clients()
-    assert metrics["train_samples"] == 11 * sim.data.num_samples(client)
-    with pytest.raises(UserError, match="method.body_epochs"):
-        _fedrep_schedule(monkeypatch, "method.body_epochs=1", "train.local_epochs=1")
+    plain = fedavg.run_round()
+    # train_samples counts the head's epochs too; train_flops shows they are cheap: the body is the cost.
+    assert metrics["train_samples"] == plain["train_samples"] * 13 / 3
+    assert plain["train_flops"] < metrics["train_flops"] < 1.5 * plain["train_flops"]
+    assert _fedrep_schedule(monkeypatch, "method.head_epochs=0", "train.local_epochs=2")[0][-1:] == [2]
 
 
 def test_fedbn_personalizes_exactly_the_layernorm_parameters():
@@ -296,8 +326,8 @@ def test_partial_without_patterns_is_a_user_error():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("fedrep", "method.head_epochs=-1"), ("fedrep", "method.body_epochs=-2"), ("fedrep", "method.head_share=1"),
-    ("fedperfix", "method.mid_dim=0"), ("fedperfix", "method.scale=-1"), ("fedperfix", "method.personal_blocks=-1"),
+    ("fedrep", "method.head_epochs=-1"),
+    ("fedperfix", "method.mid_dim=-1"), ("fedperfix", "method.scale=-1"), ("fedperfix", "method.personal_blocks=-1"),
 ])
 def test_bad_method_options_name_the_key(key, value):
     with pytest.raises(UserError, match=value.split("=")[0]):
@@ -323,17 +353,31 @@ class FakeTrial:
         return choices[0]
 
 
-def test_fedrep_and_fedperfix_search_spaces():
+def test_fedrep_and_fedperfix_search_spaces_leave_their_budget_alone():
     trial = FakeTrial()
-    assert METHODS.get("fedrep").search_space(trial) == {"method.head_share": 0.1}
-    assert trial.calls == [("float", "method.head_share", 0.1, 0.9, False)]
+    assert METHODS.get("fedrep").search_space(trial) == {} and not trial.calls
+    assert METHODS.get("fedrep").budget_keys == ("method.head_epochs",)
     trial = FakeTrial()
-    assert METHODS.get("fedperfix").search_space(trial) == {
-        "method.mid_dim": 64, "method.scale": 0.25, "method.personal_blocks": 0,
-    }
-    assert [c[:2] for c in trial.calls] == [
-        ("categorical", "method.mid_dim"), ("float", "method.scale"), ("int", "method.personal_blocks"),
-    ]
-    assert 256 in trial.calls[0][2] and trial.calls[1][2] <= 1.5 <= trial.calls[1][3]  # the reference values
+    assert METHODS.get("fedperfix").search_space(trial) == {"method.scale": 0.25, "method.personal_blocks": 0}
+    assert [c[:2] for c in trial.calls] == [("float", "method.scale"), ("int", "method.personal_blocks")]
+    assert trial.calls[0][2] <= 1.5 <= trial.calls[0][3]  # the reference value
+    assert "method.mid_dim" in METHODS.get("fedperfix").budget()
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    ((), 64),  # cpu-cifar10's width 96: 2/3 of it
+    (("model.embed_dim=384", "model.num_heads=6"), 256),  # ViT-S's width: the reference's 256
+    (("method.mid_dim=100",), 100),  # an explicit value wins
+])
+def test_fedperfix_plugin_width_scales_with_the_model(overrides, expected):
+    cfg = tiny_config("fedperfix", "model.embed_dim=96", "model.num_heads=4", *overrides)
+    assert cfg.method.mid_dim == expected
+    sim = Simulation(cfg)
+    plugins = [m for m in sim.model.modules() if isinstance(m, PrefixQKV)]
+    assert plugins and all(p.plugin[0].out_features == expected for p in plugins)
+
+
+def test_the_paper_presets_resolve_fedperfix_to_the_reference_width():
+    from pflbench.benchmark.resolve import resolve_config
+
+    assert resolve_config("fedperfix", "cifar100", preset="paper-cifar100").method.mid_dim == 256

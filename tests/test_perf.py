@@ -79,3 +79,34 @@ def test_pfedhn_step_command_prints_both_figures(capsys):
     assert len(re.findall(r"whole move vs the client's change: cosine -?[\d.]+, size [\d.]+x", out)) == 2
     assert len(re.findall(r"hypernetwork's part vs the client's residual: cosine -?[\d.]+, size [\d.]+x", out)) == 2
     assert main(["perf", "pfedhn-step", "--scale", "0"]) == 2
+
+
+def test_flops_benchmark_counts_what_a_round_of_the_engine_counts():
+    from conftest import TINY, tiny_config
+
+    from pflbench.benchmark.engine import Simulation
+    from pflbench.benchmark.perf.flops import measure as flops_of
+    from pflbench.benchmark.resolve import RunSpec
+
+    overrides = [*TINY, "train.rounds=1", "train.sample_fraction=0.25"]
+    for method in ("fedavg", "fedrep", "fedperfix"):
+        sim = Simulation(tiny_config(method, *overrides))
+        (client,) = sim.sample_clients()
+        sim._sampler = __import__("numpy").random.default_rng(sim.seeds["sampling"])  # the round samples it again
+        metrics = sim.run().history[-1]
+        n = sim.data.num_samples(client)
+        (cost,) = flops_of([method], RunSpec(preset="smoke", overrides=tuple(overrides)), "digits",
+                           classes=sim.data.num_classes, channels=sim.data.in_chans, client_samples=n, clients=1,
+                           native_size=sim.data.image_size)
+        assert cost.round_flops == metrics["train_flops"], method
+        assert cost.parameters == sim.num_parameters and cost.personal_parameters == sim.num_personal_parameters
+
+
+def test_flops_benchmark_prints_a_line_per_method(capsys):
+    argv = ["perf", "flops", "--dataset", "digits", "--preset", "smoke", "--classes", "10", "--channels", "1",
+            "--client-samples", "50", "--methods", "fedavg,fedperfix", "--quiet",
+            "--set", "model.image_size=8", "--set", "model.embed_dim=16", "--set", "model.num_heads=2"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["fedavg", "fedperfix"]
+    assert main(["perf", "flops", "--methods", "nope"]) == 2

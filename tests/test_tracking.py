@@ -42,8 +42,13 @@ def test_a_run_records_params_metrics_tags_and_artifacts(tracking_uri):
     history = client.get_metric_history(run.info.run_id, "test_acc_mean")
     assert [m.step for m in history] == [1, 2, 3]
     assert history[-1].value == pytest.approx(result.history[-1]["test_acc_mean"])
-    for key in ("test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds"):
+    for key in ("test_acc_weighted", "val_acc_mean", "train_loss", "bytes_up", "bytes_down", "round_seconds",
+                "train_flops", "server_flops"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
+    # Capacity on record: every parameter, none personal, all of them sent after each visit (FedAvg).
+    total = sum(p.numel() for p in sim.model.parameters())
+    assert tags["pflbench.parameters"] == tags["pflbench.communicated_parameters"] == str(total)
+    assert tags["pflbench.personal_parameters"] == "0"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.toml", "partition.json", "partition_summary.csv", "client_accuracy.csv",
             "learning_curve.png"} <= artifacts

@@ -13,6 +13,7 @@ import pytest
 from pflbench.benchmark import tuning
 from pflbench.benchmark.cli import main
 from pflbench.benchmark.engine import Simulation
+from pflbench.benchmark.errors import UserError
 from pflbench.benchmark.tracking import experiment_exists, find_runs, read_text_artifact
 from pflbench.datasets import FederatedData
 
@@ -39,6 +40,7 @@ def test_a_study_completes_then_a_rerun_tops_it_up(capsys, tracking_uri, tmp_pat
     assert code == 0, err
     name = _study(out)
     assert "trials=3 ran=3" in out
+    assert "tuning_gain=" in out  # the best against the defaults' trial 0
     journal = tmp_path / "optuna-journal.log"
     assert journal.is_file()  # default storage: beside the MLflow store
     parent = out.strip().split("parent_run_id=")[1]
@@ -52,6 +54,12 @@ def test_a_study_completes_then_a_rerun_tops_it_up(capsys, tracking_uri, tmp_pat
     trials = [r for r in children if "mlflow.parentRunId" in r.tags]
     assert sorted(int(r.tags["pflbench.trial"]) for r in trials) == [0, 1, 2, 3, 4]
     assert {r.tags["mlflow.parentRunId"] for r in trials} == {parent}
+    # How far tuning moved the method, on the parent run: the best val_acc_mean against trial 0's.
+    parent_run = next(r for r in children if r.run_id == parent)
+    gain = float(out.split("tuning_gain=")[1].split()[0])
+    assert parent_run.metrics["tuning_gain"] == pytest.approx(gain, abs=1e-4) and gain >= 0
+    assert parent_run.metrics["default_val_acc_mean"] == pytest.approx(
+        parent_run.metrics["best_val_acc_mean"] - parent_run.metrics["tuning_gain"])
     # Trial 0 ran the preset's own settings: the smoke preset's lr.
     first = next(r for r in trials if r.tags["pflbench.trial"] == "0")
     assert float(first.params["train.lr"]) == 0.05
@@ -179,10 +187,47 @@ def test_default_trial_lies_inside_the_search_space():
     cfg = tiny_config("fedperfix", "train.lr=0.05", "train.momentum=0.9")
     defaults = tuning.default_params(cfg, fixed={"train.batch_size"})
     assert defaults["train.lr"] == 0.05 and defaults["train.momentum"] == 0.9
-    assert defaults["method.mid_dim"] == cfg.method.mid_dim and "train.batch_size" not in defaults
+    assert "train.batch_size" not in defaults
     probe = tuning._Probe()
     keys = tuning.suggest(probe, "fedperfix", set())
-    assert {"train.lr", "train.local_epochs", "method.mid_dim", "method.scale"} <= set(keys)
+    assert {"train.lr", "train.local_epochs", "method.scale"} <= set(keys)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedrep", "fedavg_ft", "fedperfix"])
+def test_budget_keys_are_never_searched_unless_named(method):
+    budget = tuning.budget_keys(method)
+    probe = tuning._Probe()
+    searched = tuning.suggest(probe, method, budget)
+    assert "train.local_epochs" in budget and not set(searched) & budget
+    assert {"train.lr", "train.momentum"} <= set(searched)
+    # Named with --search-budget, a budget key is searched again.
+    again = tuning.suggest(tuning._Probe(), method, tuning.budget_keys(method, ["train.local_epochs"]))
+    assert "train.local_epochs" in again
+    with pytest.raises(UserError, match="not a budget key"):
+        tuning.budget_keys(method, ["train.lr"])
+
+
+def test_a_budget_key_without_a_range_cannot_be_searched():
+    with pytest.raises(UserError, match="no search space"):
+        tuning.budget_keys("fedperfix", ["method.mid_dim"])
+
+
+def test_the_summary_says_how_far_tuning_moved_the_method():
+    from rich.console import Console
+
+    from pflbench.benchmark.console_study import tune_summary
+
+    rows = [tuning.TrialRow(0, "COMPLETE", 0.61, {"train.lr": 0.05}, "w", "r0"),
+            tuning.TrialRow(1, "COMPLETE", 0.70, {"train.lr": 0.1}, "w", "r1")]
+    result = tuning.TuneResult("s", "journal", rows, rows[1], "", None, "p", "bench run ...", 2, {}, rows[0])
+    console = Console(record=True, width=200)
+    tune_summary(console, result, "fedavg", "digits")
+    assert "tuning moved it by +0.0900 over the defaults (trial 0: val_acc_mean 0.6100)" in console.export_text()
+
+
+@pytest.mark.parametrize("trials,startup", [(1, 2), (3, 2), (12, 4), (24, 8), (30, 10)])
+def test_tpe_starts_from_about_a_third_of_the_budget(trials, startup):
+    assert tuning.startup_trials(trials) == startup
 
 
 def test_a_list_option_default_is_enqueued_in_its_searched_form():
