@@ -495,8 +495,9 @@ def cmd_perf_gpu(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     report = run(tiny=args.tiny, data_root=args.data_root, folder=args.folder, device=args.device,
                  repeats=args.repeats, say=lambda line: print(line, flush=True))
-    print(f"paper run ({report.rounds} rounds) extrapolated: {report.paper_run_seconds / 60:.1f} min;"
-          f" benchmark wall time {report.seconds:.0f} s")
+    print(f"paper run ({report.rounds} rounds) extrapolated: {report.rounds} x one warm round"
+          f" ({report.round_seconds:.1f} s) = {report.paper_run_seconds / 60:.1f} min (data loading and model build"
+          f" not included); benchmark wall time {report.seconds:.0f} s")
     return 0
 
 
@@ -654,7 +655,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     gain = f"{result.gain:+.4f}" if result.gain is not None else "none"
     print(f"tune {result.study} trials={len(result.trials)} ran={result.ran_here} best_val_acc_mean={best} "
           f"tuning_gain={gain} parent_run_id={result.parent_run_id}")
-    return 0
+    for row in result.errors:
+        show.err_console.print(f"failed: trial {row.number}: {row.error}", markup=False)
+    return 1 if result.errors else 0
 
 
 def _add_tune(sub) -> None:

@@ -14,6 +14,10 @@ A method declares its local update as `Phase`s (parameters, epochs, forward).
   masked steps that change nothing, momentum included (FedJAX's pattern).
   Each client draws its batches from its own generator in the same order as
   the sequential path, so both give the same parameters within float error.
+  Under autocast the stacked weights of linear and convolution layers are
+  cast to its dtype inside the graph (autocast does not reach inside vmap),
+  so activations are bf16 as in the sequential path while the trained
+  leaves, their gradients and the optimizer stay fp32.
 
 Personal state lives in `PersonalStore`: on the device up to a byte budget,
 in (pinned, on CUDA) host memory beyond it.
@@ -34,6 +38,7 @@ from torch import nn
 from ..methods import ClientUpdate, Phase, TrainStats
 from ..methods.base import BatchStep, Penalty
 from .config import TrainConfig
+from .device import to_device
 from .errors import TrainingDiverged, UserError
 from .flops import FlopMeter, count_flops
 
@@ -46,6 +51,12 @@ FINETUNE_STREAM = 1  # batch-seed stream of the fine-tuning before evaluation (0
 # Below this share of clients with a batch left, a step runs only those clients (gathered) instead of
 # padding the rest with masked steps: padded steps cost a full forward and backward each.
 COMPACT_BELOW = 0.5
+# Modules whose weights (and bias) the batched step casts to the autocast dtype: what autocast itself
+# lowers. Under `torch.vmap` autocast does not apply (vmap's dispatch key ranks above it), so the
+# batched step casts these itself; norm parameters and everything else stay fp32.
+LOW_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Share of free device memory that `auto` fills with clients trained together (the rest: fragmentation).
+MEMORY_HEADROOM = 0.8
 
 
 class PersonalStore:
@@ -263,24 +274,62 @@ def stacked_sgd_step(
     A client whose `active` flag is False keeps its parameters and momentum
     exactly (its padded step changes nothing). Returns the new parameters;
     `buffers` (momentum, zero at the start of a phase) are updated in place.
+    Every tensor op is one `torch._foreach_*` call over all parameters; an
+    `active` on the CPU that is all True skips the masking.
     """
+    names = list(params)
+    if not names:
+        return {}
+    ps, gs = [params[n] for n in names], [grads[n] for n in names]
     k = active.shape[0]
+
+    def per_client(values: torch.Tensor) -> list[torch.Tensor]:  # (K,) broadcast against each parameter
+        return [values.view(-1, *([1] * (p.dim() - 1))).to(p.dtype) for p in ps]
+
     if cfg.max_grad_norm > 0:
-        squares = torch.stack([g.reshape(k, -1).float().pow(2).sum(1) for g in grads.values()]).sum(0)
+        squares = torch.stack([g.reshape(k, -1).float().pow(2).sum(1) for g in gs]).sum(0)
         coef = (cfg.max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-        grads = {n: g * coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype) for n, g in grads.items()}
-    out = {}
-    for name, p in params.items():
-        g = grads[name]
-        mask = active.view(-1, *([1] * (p.dim() - 1)))
-        if cfg.weight_decay:
-            g = g.add(p, alpha=cfg.weight_decay)
-        if cfg.momentum:
-            buf = buffers[name]
-            g = torch.where(mask, buf * cfg.momentum + g, buf)
-            buf.copy_(g)
-        out[name] = torch.where(mask, p - cfg.lr * g, p)
-    return out
+        gs = torch._foreach_mul(gs, per_client(coef))
+    if cfg.weight_decay:
+        gs = torch._foreach_add(gs, ps, alpha=cfg.weight_decay)
+    everyone = active.device.type == "cpu" and bool(active.all())
+    masks = None
+    if not everyone:
+        active = to_device(active, ps[0].device) if active.device != ps[0].device else active
+        masks = per_client(active)  # 1 = steps, 0 = padded: its gradient becomes exactly zero
+        gs = torch._foreach_mul(gs, masks)
+    if cfg.momentum:
+        bufs = [buffers[n] for n in names]
+        if masks is None:
+            torch._foreach_mul_(bufs, cfg.momentum)
+        else:  # a padded client's momentum is multiplied by 1 and gets 0 added: unchanged
+            torch._foreach_mul_(bufs, per_client(torch.where(active, cfg.momentum, 1.0)))
+        torch._foreach_add_(bufs, gs)
+        gs = bufs if masks is None else torch._foreach_mul(bufs, masks)
+    return dict(zip(names, torch._foreach_add(ps, gs, alpha=-cfg.lr)))
+
+
+def fit_parallel(k: int, free_bytes: int, per_client_bytes: int, headroom: float = MEMORY_HEADROOM) -> int:
+    """Clients that fit together in `headroom` of the free device memory (at least 1, at most `k`)."""
+    return max(1, min(k, int(free_bytes * headroom // max(per_client_bytes, 1))))
+
+
+def _cast_input_to_weight(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: an fp32 input meets the bf16/fp16 weights of the batched step in their dtype.
+
+    A no-op wherever weights are fp32 (one client at a time, evaluation).
+    """
+    x, weight = args[0] if args else None, getattr(module, "weight", None)
+    if (isinstance(x, torch.Tensor) and weight is not None and weight.dtype in (torch.bfloat16, torch.float16)
+            and x.dtype == torch.float32):
+        return (x.to(weight.dtype), *args[1:])
+    return None
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of the autocast active on `device` now, or None."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 class ClientRunner:
@@ -288,6 +337,13 @@ class ClientRunner:
 
     def __init__(self, sim: Simulation):
         self.sim = sim
+        self._steps: dict = {}  # the batched step of each phase forward, built (and compiled) once
+        self.low_precision: set[str] = set()  # entries the batched step casts to the autocast dtype
+        for prefix, module in sim.model.named_modules():
+            if isinstance(module, LOW_PRECISION_MODULES):
+                module.register_forward_pre_hook(_cast_input_to_weight)
+                self.low_precision |= {f"{prefix}.{n}" for n, t in module.named_parameters(recurse=False)
+                                       if t.is_floating_point()}
         self.flops = FlopMeter()  # FLOPs per sample of each kind of step, counted once per run
 
     # -- the state swap --------------------------------------------------------------
@@ -399,6 +455,39 @@ class ClientRunner:
             results.append((update, TrainStats(loss_sums[k].clone(), samples[k], flops=flops[k])))
         return results
 
+    def _batched_step(self, forward):
+        """`params, x -> logits` of K clients at once (vmap over `functional_call`), compiled with `model.compile`."""
+        step = self._steps.get(forward)
+        if step is None:
+            module = _PhaseForward(self.sim.model, forward)
+
+            def one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+                return torch.func.functional_call(module, params, (x,))
+
+            step = torch.vmap(one, randomness="different")
+            if self.sim.cfg.model.compile:
+                step = torch.compile(step)
+            self._steps[forward] = step
+        return step
+
+    def _batched_grads(self, step, state: Mapping[str, torch.Tensor], trained: Sequence[str], x: torch.Tensor,
+                       y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each client's mean loss over its masked batch (dim 0) and the gradients of `trained` (fp32 leaves)."""
+        k, bs = mask.shape
+        leaves = {n: state[n].detach().requires_grad_(True) for n in trained}
+        with self.sim.autocast():
+            low = _autocast_dtype(self.sim.device)
+            params = {}
+            for n, t in state.items():
+                t = leaves.get(n, t)
+                # Cast inside the graph: the leaves (and so the gradients) stay fp32.
+                params["model." + n] = t.to(low) if low is not None and n in self.low_precision else t
+            logits = step(params, x)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(k, bs)
+        per_client = (losses * mask).sum(1) / mask.sum(1).clamp_min(1)
+        grads = torch.autograd.grad(per_client.sum(), [leaves[n] for n in trained], allow_unused=True)
+        return per_client, {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(trained, grads)}
+
     def _phase_flops(self, phase: Phase, ctx: _ClientContext) -> float:
         """FLOPs per sample of `phase`'s step, as the one-client path counts them (same key, same probe)."""
         sim = self.sim
@@ -414,15 +503,10 @@ class ClientRunner:
         sim = self.sim
         cfg = sim.cfg.train
         k, bs = len(ctxs), cfg.batch_size
-        module = _PhaseForward(sim.model, phase.forward)
+        step = self._batched_step(phase.forward)
         trained = list(phase.params)
         buffers = {n: torch.zeros_like(state[n]) for n in trained} if cfg.momentum else {}
         batches = [sim.data.train_batches(ctx.client, phase.epochs, bs, ctx.generator) for ctx in ctxs]
-
-        def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(module, params, (x,))
-
-        batched_forward = torch.vmap(forward, randomness="different")
         samples = [0] * k
         while True:
             drawn = [next(it, None) for it in batches]
@@ -441,24 +525,16 @@ class ClientRunner:
                     m = len(drawn[i][1])
                     x[j, :m], y[j, :m], mask[j, :m] = drawn[i][0], drawn[i][1], 1.0
                     samples[i] += m
+            active = torch.tensor([drawn[i] is not None for i in rows])  # known on the host: no sync
             if len(rows) == k:
                 part, part_buffers = state, buffers
             else:
-                index = torch.tensor(rows, device=sim.device)
+                index = to_device(torch.tensor(rows), sim.device)
                 part = {n: t[index] for n, t in state.items()}
                 part_buffers = {n: t[index] for n, t in buffers.items()}
             counts = mask.sum(1)
-            leaves = {n: part[n].detach().requires_grad_(True) for n in trained}
-            params = {("model." + n): leaves.get(n, part[n]) for n in part}
-            with sim.autocast():
-                logits = batched_forward(params, x)
-                losses = F.cross_entropy(
-                    logits.float().flatten(0, 1), y.flatten(), reduction="none"
-                ).view(len(rows), bs)
-            per_client = (losses * mask).sum(1) / counts.clamp_min(1)
-            grads = torch.autograd.grad(per_client.sum(), [leaves[n] for n in trained], allow_unused=True)
-            grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(trained, grads)}
-            new = stacked_sgd_step({n: part[n] for n in trained}, grads, part_buffers, counts > 0, cfg)
+            per_client, grads = self._batched_grads(step, part, trained, x, y, mask)
+            new = stacked_sgd_step({n: part[n] for n in trained}, grads, part_buffers, active, cfg)
             if len(rows) == k:
                 state.update(new)
                 loss_sums += per_client.detach() * counts
@@ -469,6 +545,34 @@ class ClientRunner:
                     buffers[n].index_copy_(0, index, t)
                 loss_sums.index_add_(0, index, per_client.detach() * counts)
         return samples
+
+    def probe_parallel(self, k: int) -> int:
+        """How many of `k` clients fit together in free device memory, from one batched step of one client.
+
+        The step (forward and backward on a zero batch, nothing updated) gives
+        the peak memory a client adds; each also holds its stacked state,
+        momentum and updated parameters (three copies of the parameters).
+        """
+        sim = self.sim
+        device, cfg = sim.device, sim.cfg.train
+        trained = [n for n, p in sim.model.named_parameters() if p.requires_grad]
+        state = {n: t.detach().unsqueeze(0) for n, t in sim._entries.items()}
+        size = sim.data.image_size
+        x = torch.zeros((1, cfg.batch_size, sim.data.in_chans, size, size), device=device)
+        y = torch.zeros((1, cfg.batch_size), dtype=torch.long, device=device)
+        mask = torch.ones((1, cfg.batch_size), device=device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        sim.model.train()
+        with _unfused_attention(sim.model, enabled=device.type == "cpu"):
+            _, grads = self._batched_grads(self._batched_step(None), state, trained, x, y, mask)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del grads
+        params = sum(sim._entries[n].numel() * sim._entries[n].element_size() for n in trained)
+        free, _ = torch.cuda.mem_get_info(device)
+        # Memory PyTorch's allocator holds but does not use (the probe's own, now freed) is free to it too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return fit_parallel(k, free, peak + 3 * params)
 
 
 def personal_phases(phases: Sequence[Phase], personal: Sequence[str]) -> list[Phase]:
@@ -488,6 +592,8 @@ def resolve_parallel(setting: str, device: torch.device, sampled: int) -> int:
     `auto` batches a whole round (at most 16 clients) on a GPU, where one
     small model per step leaves it idle; on the CPU it trains one client at a
     time, which `bench perf together` measured to be as fast or faster there.
+    On a GPU the engine then lowers `auto` to what fits in free memory
+    (`ClientRunner.probe_parallel`) and halves it on an out-of-memory error.
     """
     if setting == "auto":
         return min(sampled, 16) if device.type == "cuda" else 1

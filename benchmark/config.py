@@ -139,6 +139,7 @@ class RunOptions:
 
     checkpoint_every: int = 0  # save the whole simulation every N rounds (resume with --resume); 0 = never
     keep_checkpoint: bool = False  # keep the last checkpoint once the run has finished (default: delete it)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (+ cuBLAS workspace): bit-reproducible GPU runs
 
 
 @dataclass
@@ -158,7 +159,7 @@ class RunConfig:
 # Keys that do not change the result: left out of the config hash.
 # Keys that do not change the result (how clients are scheduled and where state lives change it
 # only within float error).
-_UNHASHED = {"seed", "device", "dataset.root", "run.checkpoint_every", "run.keep_checkpoint",
+_UNHASHED = {"seed", "device", "dataset.root", "run.checkpoint_every", "run.keep_checkpoint", "run.deterministic",
              "train.parallel_clients", "train.personal_device_mb"}
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most a signed 64-bit seed

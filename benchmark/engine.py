@@ -45,6 +45,7 @@ from ..methods.aggregation import state_bytes
 from ..methods.structure import head_entries
 from .client import FINETUNE_STREAM, ClientRunner, PersonalStore, _ClientContext, resolve_parallel
 from .config import RunConfig
+from .device import capability, set_deterministic
 from .errors import UserError
 from .flops import count_flops
 from .models import build_model
@@ -58,20 +59,36 @@ HELD_OUT_PREFIX = "novel_"  # held-out clients' metrics: novel_test_acc_mean, ..
 GLOBAL_PREFIX = "global_"  # the server's one model on every client's test split: global_test_acc_mean, ...
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `train.precision` on `device`; None = plain fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+def autocast_dtype(precision: str, device: torch.device,
+                   capability: tuple[int, int] | None = None) -> torch.dtype | None:
+    """The autocast dtype of `train.precision` on `device`; None = plain fp32.
+
+    A GPU below compute capability 8.0 (Ampere), when `capability` is known,
+    passes `torch.cuda.is_bf16_supported()` through emulation and runs bf16
+    very slowly: it trains in fp32 instead (exact, and unlike fp16 it needs no
+    gradient scaler).
+    """
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda" and capability is not None and tuple(capability) < (8, 0):
+        return None
+    return torch.bfloat16
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without one is a user error."""
+    """`auto` picks CUDA when present; asking for CUDA without one is a user error.
+
+    CUDA always resolves with its index (`cuda:<n>`, the current device unless
+    one is named), so memory queries and RNG states address one GPU.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class Callback:
@@ -98,14 +115,34 @@ class EvalResult:
     train_samples: int = 0  # samples trained on before evaluating (`Method.finetune_phases`)
     train_flops: float = 0.0  # FLOPs of that training
     forward_samples: int = 0  # samples the evaluation forwarded
+    # (split, client, correct) whose count is still a device tensor: read in one sync by `settle`
+    pending: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def empty(cls, num_clients: int) -> EvalResult:
         """No client evaluated yet (count 0 everywhere)."""
         return cls(*(np.zeros(num_clients, dtype=np.int64) for _ in range(4)))
 
+    def record(self, split: str, client: int, correct: int | torch.Tensor, total: int) -> None:
+        """One client's count on a split; a device tensor stays there until `settle`."""
+        getattr(self, f"{split}_count")[client] = total
+        if isinstance(correct, torch.Tensor):
+            self.pending.append((split, client, correct))
+        else:
+            getattr(self, f"{split}_correct")[client] = correct
+
+    def settle(self) -> EvalResult:
+        """Copy the counts still on the device to the host, all in one transfer."""
+        if self.pending:
+            values = torch.stack([c.reshape(()).to(torch.long) for _, _, c in self.pending]).tolist()
+            for (split, client, _), value in zip(self.pending, values):
+                getattr(self, f"{split}_correct")[client] = value
+            self.pending.clear()
+        return self
+
     def absorb(self, other: EvalResult) -> None:
         """Add `other`'s counts (of other clients) and its compute into this result."""
+        self.pending.extend(other.pending)  # counts still on the device: set when this result settles
         for f in ("test_correct", "test_count", "val_correct", "val_count"):
             getattr(self, f).__iadd__(getattr(other, f))
         self.train_samples += other.train_samples
@@ -114,6 +151,7 @@ class EvalResult:
 
     def test_only(self) -> EvalResult:
         """This result's test split alone (no validation counts)."""
+        self.settle()
         zeros = np.zeros_like(self.val_count)
         return EvalResult(self.test_correct.copy(), self.test_count.copy(), zeros, zeros.copy())
 
@@ -124,14 +162,17 @@ class EvalResult:
 
     @property
     def test_acc(self) -> np.ndarray:
+        self.settle()
         return np.where(self.test_count > 0, self.test_correct / np.maximum(self.test_count, 1), np.nan)
 
     @property
     def val_acc(self) -> np.ndarray:
+        self.settle()
         return np.where(self.val_count > 0, self.val_correct / np.maximum(self.val_count, 1), np.nan)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Mean and sample-weighted accuracy over the evaluated clients (count > 0)."""
+        self.settle()
         out = {
             "test_acc_mean": self._mean(self.test_correct, self.test_count),
             "test_acc_weighted": (float(self.test_correct.sum() / self.test_count.sum())
@@ -178,6 +219,9 @@ class Simulation:
         # Tuning passes ("val",): the test split is then never read.
         self.eval_splits = tuple(eval_splits)
         self.device = resolve_device(cfg.device)
+        set_deterministic(cfg.run.deterministic)
+        # `train.precision`, with bf16 on CUDA only from compute capability 8.0 (fp32 before it).
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device, capability(self.device))
         self.seeds = derive_seeds(cfg.seed)
         self.images = images if images is not None else DATASETS.get(cfg.dataset.name).load(cfg.dataset)
         self.partition = partition if partition is not None else self._make_partition()
@@ -204,6 +248,7 @@ class Simulation:
             {n: self._entries[n] for n in self.personal_names}, self.device, cfg.train.personal_device_mb * 2**20
         )
         self.clients = ClientRunner(self)
+        self._parallel_cap: int | None = None  # `auto` lowered to what fits in device memory (GPU)
         k = self.data.num_clients
         novel = cfg.data.novel_clients
         if novel >= k:
@@ -224,9 +269,10 @@ class Simulation:
         return partition_for(self.images, self.cfg.data, self.cfg.seed)
 
     def autocast(self):
-        """Autocast to `train.precision`'s dtype (`autocast_dtype`); a no-op in fp32."""
-        dtype = autocast_dtype(self.cfg.train.precision, self.device)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        """Autocast to `amp_dtype` (`train.precision`, see `autocast_dtype`); a no-op in fp32."""
+        if self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return contextlib.nullcontext()
 
     def batch_generator(self, round_index: int, client: int, stream: int = 0) -> torch.Generator:
         """The generator behind a client's batches in a round: independent of the visiting order.
@@ -281,16 +327,31 @@ class Simulation:
     def parallel_clients(self) -> int:
         """Clients trained together per group this round (`train.parallel_clients`, resolved)."""
         sampled = max(1, int(round(self.cfg.train.sample_fraction * len(self.training_clients))))
-        return resolve_parallel(self.cfg.train.parallel_clients, self.device, sampled)
+        k = resolve_parallel(self.cfg.train.parallel_clients, self.device, sampled)
+        return k if self._parallel_cap is None else min(k, self._parallel_cap)
 
     def _train_round(self, selected: Sequence[int], r: int) -> Iterator[tuple[ClientUpdate, TrainStats]]:
-        k = self.parallel_clients
-        for start in range(0, len(selected), k):
-            group = selected[start : start + k]
+        auto = self.cfg.train.parallel_clients == "auto"
+        if auto and self._parallel_cap is None and self.device.type == "cuda" and self.parallel_clients > 1:
+            self._parallel_cap = self.clients.probe_parallel(self.parallel_clients)
+        start = 0
+        while start < len(selected):
+            group = selected[start : start + self.parallel_clients]
             if len(group) == 1:
                 yield self.clients.train_client(group[0], r)
             else:
-                yield from self.clients.train_together(group, r)
+                try:
+                    results = self.clients.train_together(group, r)
+                except torch.OutOfMemoryError:
+                    if not auto:
+                        raise
+                    # Nothing of the group was kept: train it again as two halves, and so on from here.
+                    self._parallel_cap = len(group) // 2
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                yield from results
+            start += len(group)
 
     def failing_clients(self, round_index: int, selected: Sequence[int]) -> set[int]:
         """The sampled clients that fail mid-round (`train.client_failure_rate`), from a per-round seed.
@@ -353,7 +414,7 @@ class Simulation:
         if self.cfg.train.client_failure_rate > 0:
             metrics["failed_clients"] = float(len(failed))
         if due:
-            self.last_eval = (after_local if after_local is not None
+            self.last_eval = (after_local.settle() if after_local is not None
                               else self.evaluate(self.training_clients, final=r == self.cfg.train.rounds))
             metrics.update(self.last_eval.metrics())
             loss_samples += self.last_eval.train_samples
@@ -387,14 +448,14 @@ class Simulation:
         result = EvalResult.empty(self.data.num_clients)
         if clients and self._shared_body_evaluation(final):
             self._evaluate_shared_body(clients, result)
-            return result
+            return result.settle()
         for client in clients:
             self.load_client(client)
             tuned = self._finetune(client, final)
             result.train_samples += tuned.samples
             result.train_flops += tuned.flops
             self._evaluate_loaded(client, result)
-        return result
+        return result.settle()
 
     def _finetune_context(self, client: int, final: bool) -> _ClientContext:
         return _ClientContext(self, client, self.round_index, stream=FINETUNE_STREAM, final=final)
@@ -439,9 +500,8 @@ class Simulation:
                     own = {n[len(prefix):]: t.to(f.device) for n, t in self.personal_state(c).items()}
                     logits = torch.func.functional_call(head, own, (f,)) if own else head(f)
                     correct.append((logits.argmax(dim=1) == y).sum())
-            for c, n, hits in zip(clients, sizes, torch.stack(correct).tolist()):  # one sync per split
-                getattr(result, f"{split}_correct")[c] = hits
-                getattr(result, f"{split}_count")[c] = n
+            for c, n, hits in zip(clients, sizes, correct):  # read when the evaluation settles
+                result.record(split, c, hits, n)
             result.forward_samples += sum(sizes)
 
     @property
@@ -474,8 +534,7 @@ class Simulation:
         with self.autocast():
             for split in (s for s in splits if s in self.eval_splits):  # tuning never reads "test"
                 correct, total = self.method.evaluate(self.forward_model, self.data.eval_batches(client, split, bs))
-                getattr(result, f"{split}_correct")[client] = correct
-                getattr(result, f"{split}_count")[client] = total
+                result.record(split, client, correct, total)  # a device count stays there until settled
                 result.forward_samples += total
 
     def evaluate_global(self, clients: Iterable[int]) -> EvalResult:
@@ -488,7 +547,7 @@ class Simulation:
         result = EvalResult.empty(self.data.num_clients)
         for client in clients:
             self._evaluate_loaded(client, result, splits=("test",))
-        return result
+        return result.settle()
 
     def fit_and_evaluate_held_out(self) -> EvalResult:
         """Let the method adapt to the held-out clients, then evaluate only them."""
@@ -507,7 +566,7 @@ class Simulation:
 
         Shared state lives in the method's server state; personal state per client
         here. Batches and failures are seeded per round, so the sampler and torch's
-        global generator are the only random state that carries over.
+        generators (the CPU's, and the GPU's on CUDA) are the only random state that carries over.
         """
         last = self.last_eval
         return {
@@ -515,13 +574,14 @@ class Simulation:
             "history": [dict(h) for h in self.history],
             "sampler": json.dumps(self._sampler.bit_generator.state),  # 128-bit ints, kept exact as text
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "initial_personal": {n: t.detach().clone() for n, t in self._personal.initial.items()},
             "personal": {int(c): {n: t.detach().cpu().clone() for n, t in self._personal.get(c).items()}
                          for c in self._personal},
             "method": self.method.state_dict(),
             "last_eval": None if last is None else {
                 f.name: torch.from_numpy(v.copy()) if isinstance(v := getattr(last, f.name), np.ndarray) else v
-                for f in dataclasses.fields(last)},
+                for f in dataclasses.fields(last) if f.name != "pending"},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -529,7 +589,9 @@ class Simulation:
         self.round_index = int(state["round"])
         self.history = [{k: float(v) for k, v in h.items()} for h in state["history"]]
         self._sampler.bit_generator.state = json.loads(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":  # absent from older checkpoints
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         with torch.no_grad():
             for name, value in state["initial_personal"].items():
                 self._personal.initial[name].copy_(value)

@@ -40,3 +40,9 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(f"terminated by signal {signum}")
         self.signum = signum
+
+
+def error_summary(err: BaseException) -> str:
+    """`Type: first line of the message`: one line, for a run's error tag and a failure list."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

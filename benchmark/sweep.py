@@ -16,8 +16,11 @@ A suite file:
 
 Runs are stage `final` (test split). A run whose (config hash, seed) already
 FINISHED in the experiment is skipped, so rerunning a killed sweep resumes it.
-With `workers` > 1 the runs go to that many processes: one GPU each
-(CUDA_VISIBLE_DEVICES) when there are GPUs, the CPU threads split otherwise.
+With `workers` > 1 the runs go to that many processes: one GPU each (worker
+i gets the i-th entry, modulo the list, of the parent's CUDA_VISIBLE_DEVICES,
+or of `range(device_count)` when it is unset) when there are GPUs, the CPU
+threads split otherwise. A run that raises anything (an out-of-memory error
+too) is recorded FAILED with the error as a tag; the other runs go on.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from typing import Any, Callable
 
 from ..methods import METHODS
 from .config import config_hash
-from .errors import TrainingDiverged, UserError
+from .device import worker_devices
+from .errors import TrainingDiverged, UserError, error_summary
 from .resolve import RunSpec
 from .tracking import RunRecorder, default_tracking_uri, ensure_experiment, find_runs, read_text_artifact
 
@@ -159,10 +163,14 @@ def _run_one(method: str, dataset: str, spec: RunSpec, tracking_uri: str, experi
     cfg = spec.resolve(method, dataset)
     recorder = RunRecorder(tracking_uri, experiment, stage=STAGE)
     try:
-        with recorder:
+        with recorder:  # ends the MLflow run FAILED, with the error as a tag, on any exception
             result = Simulation(cfg).run([recorder])
     except TrainingDiverged as err:
         return {"status": "failed", "run_id": recorder.run_id, "error": str(err)}
+    except UserError:
+        raise
+    except Exception as err:  # one run's failure (out of memory, a bug) must not stop the others
+        return {"status": "failed", "run_id": recorder.run_id, "error": error_summary(err)}
     return {"status": "finished", "run_id": recorder.run_id,
             "test_acc_mean": result.final.metrics()["test_acc_mean"]}
 
@@ -174,12 +182,6 @@ def _init_worker(devices, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def run_sweep(
@@ -216,13 +218,13 @@ def run_sweep(
                 finish(item, _run_one(item.method, item.dataset, item.spec, uri, exp))
             return suite
         ensure_experiment(uri, exp)  # before the workers race to create store and experiment
-        gpus = _gpu_count()
         ctx = multiprocessing.get_context("spawn")
         devices = None
-        if gpus:
+        visible = worker_devices(workers)
+        if visible is not None:
             devices = ctx.Manager().Queue()
-            for i in range(workers):
-                devices.put(i % gpus)
+            for entry in visible:  # each worker process takes one as it starts
+                devices.put(entry)
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(devices, threads)) as pool:
@@ -235,5 +237,7 @@ def run_sweep(
                         outcome = future.result()
                     except UserError as err:
                         outcome = {"status": "failed", "error": str(err)}
+                    except Exception as err:  # the worker process itself died: fail this run, keep the loop
+                        outcome = {"status": "failed", "error": error_summary(err)}
                     finish(item, outcome)
     return suite

@@ -41,7 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from .config import config_hash, flatten, to_toml
 from .engine import METRIC_NAMES, Callback, RunResult, Simulation
-from .errors import RunStopped, UserError
+from .errors import RunStopped, UserError, error_summary
 from .reports import client_accuracy_csv, learning_curve_png, partition_summary_csv
 
 # MLflow and alembic announce schema migrations at INFO on a new store: noise for a CLI user.
@@ -461,8 +461,8 @@ def _end_run(client: MlflowClient, run_id: str, exc_type, exc) -> None:
     else:
         status = "FAILED"
     try:
-        if status == "FAILED":
-            client.set_tag(run_id, TAG_PREFIX + "error", f"{exc_type.__name__}: {exc}"[:5000])
+        if status == "FAILED":  # one line: a CUDA out-of-memory message runs to several
+            client.set_tag(run_id, TAG_PREFIX + "error", error_summary(exc)[:5000])
         client.set_terminated(run_id, status=status)
     except Exception:
         if exc_type is None:

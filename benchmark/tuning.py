@@ -14,6 +14,10 @@ processes on one machine), or an RDB URL (`postgresql://...`) shared by
 machines, with heartbeats so a dead worker's trial is failed and retried.
 The study counts finished, pruned, running and waiting trials (and diverged
 ones) towards `--trials`: rerunning the command tops the study up to N.
+A trial that raises (out of memory, a bug) is failed with the error's first
+line on the trial and its MLflow run; the others go on, and the command
+exits with status 1 at the end. `--workers K` gives worker i the i-th entry,
+modulo the list, of CUDA_VISIBLE_DEVICES (or of the GPUs when it is unset).
 
 MLflow: one parent run per study (its id is kept in the study), one child run
 per trial, the best config as `best_config.toml` on the parent.
@@ -43,8 +47,9 @@ from optuna.trial import TrialState
 from ..datasets import DATASETS
 from ..methods import METHODS
 from .config import RunConfig, config_hash, to_toml
+from .device import worker_devices
 from .engine import Callback, Simulation
-from .errors import RunStopped, TrainingDiverged, UserError
+from .errors import RunStopped, TrainingDiverged, UserError, error_summary
 from .resolve import RunSpec
 from .tracking import ParentRun, RunRecorder, default_tracking_uri
 
@@ -53,6 +58,7 @@ PRUNERS = ("median", "hyperband", "none")
 PARENT_ATTR = "pflbench.parent_run_id"
 CLAIM_SUFFIX = ".parent-claim"  # a study whose creation elects the worker that makes the MLflow parent
 DIVERGED_ATTR = "pflbench.diverged"
+ERROR_ATTR = "pflbench.error"  # a trial that raised: the error's one-line summary
 WORKER_ATTR = "pflbench.worker"
 RUN_ATTR = "pflbench.run_id"
 OVER_ATTR = "pflbench.over_budget"  # a trial two workers started at once past --trials: closed unrun
@@ -212,13 +218,13 @@ def _pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def _counted(t: optuna.trial.FrozenTrial) -> bool:
-    """Trials that used up budget: started ones, but not the failures of a dead worker (diverged ones count).
+    """Trials that used up budget: started ones, but not the failures of a dead worker (diverged and errored count).
 
     A WAITING trial (trial 0's defaults, a stale trial's retry) is not counted: it is run within the budget.
     """
     if t.state == TrialState.WAITING or t.user_attrs.get(OVER_ATTR):
         return False
-    return t.state != TrialState.FAIL or bool(t.user_attrs.get(DIVERGED_ATTR))
+    return t.state != TrialState.FAIL or bool(t.user_attrs.get(DIVERGED_ATTR) or t.user_attrs.get(ERROR_ATTR))
 
 
 def _worker_id() -> str:
@@ -283,6 +289,7 @@ class TrialRow:
     params: dict[str, Any]
     worker: str
     run_id: str
+    error: str = ""  # the one-line error of a trial that raised
 
 
 @dataclass
@@ -299,6 +306,7 @@ class TuneResult:
     run_command: str = ""
     ran_here: int = 0  # trials started by this command
     per_worker: dict[str, int] = field(default_factory=dict)
+    errors: list[TrialRow] = field(default_factory=list)  # trials of this command that raised (exit status 1)
     default: TrialRow | None = None  # trial 0 (the defaults), when it completed: how far tuning moved
 
     @property
@@ -311,8 +319,8 @@ class TuneResult:
 
 def _rows(study: optuna.Study) -> list[TrialRow]:
     return [TrialRow(t.number, t.state.name, t.value, dict(t.params), str(t.user_attrs.get(WORKER_ATTR, "")),
-                     str(t.user_attrs.get(RUN_ATTR, ""))) for t in study.get_trials(deepcopy=False)
-            if not t.user_attrs.get(OVER_ATTR)]
+                     str(t.user_attrs.get(RUN_ATTR, "")), str(t.user_attrs.get(ERROR_ATTR, "")))
+            for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(OVER_ATTR)]
 
 
 class _Report(Callback):
@@ -427,6 +435,9 @@ class _Study:
         except TrainingDiverged:
             trial.set_user_attr(DIVERGED_ATTR, True)
             raise
+        except Exception as err:  # the run is already FAILED with this tag; the trial fails, the study goes on
+            trial.set_user_attr(ERROR_ATTR, error_summary(err))
+            raise
         return result.final.metrics()["val_acc_mean"]
 
     def remaining(self) -> int:
@@ -445,7 +456,7 @@ class _Study:
         left = self.remaining()
         if left > 0:
             self.study.optimize(self.objective, n_trials=left, timeout=self.req.timeout,
-                                callbacks=[stop_at_target], catch=(TrainingDiverged,))
+                                callbacks=[stop_at_target], catch=(Exception,))
 
 
 def run_tune(req: TuneRequest, on_update: Callable[[list[TrialRow]], None] | None = None) -> TuneResult:
@@ -480,20 +491,29 @@ def run_tune(req: TuneRequest, on_update: Callable[[list[TrialRow]], None] | Non
         if r.number not in before and r.worker:
             per_worker[r.worker] = per_worker.get(r.worker, 0) + 1
     command = (f"bench run --method {req.method} --dataset {req.dataset} --config {path.name}" if path else "")
+    errors = [r for r in rows if r.number not in before and r.error]
     return TuneResult(st.name, st.storage_url, rows, best, best_config, path, parent.run_id or "", command,
-                      sum(1 for r in rows if r.number not in before), dict(sorted(per_worker.items())), default)
+                      sum(1 for r in rows if r.number not in before), dict(sorted(per_worker.items())), errors, default)
+
+
+def worker_environments(k: int) -> list[dict[str, str]]:
+    """The environment of each of `k` worker processes: its own GPU where there are GPUs, a share of the threads."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // k)))
+    devices = worker_devices(k)
+    if devices is None:
+        return [dict(env) for _ in range(k)]
+    return [{**env, "CUDA_VISIBLE_DEVICES": device} for device in devices]
 
 
 def _run_workers(st: _Study, on_update) -> None:
-    """K worker processes on this machine, CPU threads split between them; poll the study meanwhile."""
+    """K worker processes on this machine, one GPU or a share of the CPU threads each; poll the study meanwhile."""
     k = st.req.workers
     req = dataclasses.replace(st.req, workers=1, storage=st.storage_url, study=st.name,
                               tracking_uri=st.tracking_uri)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // k)))
     payload = json.dumps({"request": json.loads(req.to_json()), "parent": st.parent_run_id})
     procs = [subprocess.Popen([sys.executable, "-m", "pflbench.benchmark.tuning", payload], env=env)
-             for _ in range(k)]
+             for env in worker_environments(k)]
     seen = None
     try:
         while any(p.poll() is None for p in procs):

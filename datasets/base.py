@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..benchmark.config import NORMALIZATIONS, DatasetConfig
+from ..benchmark.device import to_device
 from ..benchmark.registry import Registry
 from .partition import Partition
 
@@ -176,24 +177,44 @@ class FederatedData:
         """
         x = self.images[index].float().div_(255)
         if generator is not None and self.augment:
-            x = self._augment(x, generator)
+            offset_y, offset_x, flip = (t.to(x.device) for t in self._draw_augmentation(len(index), generator))
+            x = self._crop_flip(x, offset_y, offset_x, flip if self.hflip else None)
+        return self._finish(x), self.labels[index]
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         if self.image_size != self.native_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return x, self.labels[index]
+        return x
 
-    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    @property
+    def _pad(self) -> int:
+        return max(1, self.native_size // 8)
+
+    def _draw_augmentation(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """One batch's crop offsets (y, x) and flips (zeros where labels forbid flips), drawn on the CPU.
+
+        Drawn on the CPU so a seed gives the same batches on any device; this
+        order of draws is what fixes a seed's batches.
+        """
+        span = 2 * self._pad + 1
+        offset_y = torch.randint(0, span, (batch,), generator=generator)
+        offset_x = torch.randint(0, span, (batch,), generator=generator)
+        if self.hflip:
+            flip = (torch.rand(batch, generator=generator) < 0.5).long()
+        else:
+            flip = torch.zeros(batch, dtype=torch.long)
+        return offset_y, offset_x, flip
+
+    def _crop_flip(self, x: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor,
+                   flip: torch.Tensor | None) -> torch.Tensor:
         batch, _, height, width = x.shape
-        pad = max(1, height // 8)
-        # Random numbers are drawn on the CPU so a seed gives the same batches on any device.
-        offset_y = torch.randint(0, 2 * pad + 1, (batch,), generator=generator).to(x.device)
-        offset_x = torch.randint(0, 2 * pad + 1, (batch,), generator=generator).to(x.device)
-        flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device) if self.hflip else None
+        pad = self._pad
         padded = F.pad(x, (pad, pad, pad, pad))
         rows = offset_y[:, None] + torch.arange(height, device=x.device)
         cols = offset_x[:, None] + torch.arange(width, device=x.device)
         if flip is not None:
-            cols = torch.where(flip[:, None], cols.flip(1), cols)
+            cols = torch.where(flip.bool()[:, None], cols.flip(1), cols)
         batch_ix = torch.arange(batch, device=x.device)[:, None, None]
         # Advanced indexing on dims 0, 2, 3 yields (B, H, W, C).
         return padded[batch_ix, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
@@ -201,10 +222,33 @@ class FederatedData:
     def train_batches(
         self, client: int, epochs: float, batch_size: int, generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`epochs` shuffled passes over a client's training samples (see `shuffled_positions`)."""
+        """`epochs` shuffled passes over a client's training samples (as `shuffled_positions` orders them).
+
+        Each epoch's order, crop offsets and flips are drawn on the CPU (in
+        the order `prepare` draws them batch by batch) into one tensor that
+        goes to the device in one non-blocking copy: the batch loop never
+        waits for the host.
+        """
         index = self._splits["train"][client]
-        for positions in self.shuffled_positions(len(index), epochs, batch_size, generator):
-            yield self.prepare(index[positions], generator)
+        whole = int(epochs)
+        for epoch in range(math.ceil(epochs)):
+            order = torch.randperm(len(index), generator=generator)
+            if epoch == whole:  # the fractional pass
+                order = order[: max(1, round((epochs - whole) * len(index)))]
+            columns = [order]
+            if self.augment:
+                draws = [self._draw_augmentation(len(order[s : s + batch_size]), generator)
+                         for s in range(0, len(order), batch_size)]
+                columns += [torch.cat(column) for column in zip(*draws)]
+            table = to_device(torch.stack(columns), self.device)  # (1 or 4, samples): order, y, x, flip
+            shuffled = index[table[0]]
+            for start in range(0, len(shuffled), batch_size):
+                batch = shuffled[start : start + batch_size]
+                x = self.images[batch].float().div_(255)
+                if self.augment:
+                    part = table[1:, start : start + batch_size]
+                    x = self._crop_flip(x, part[0], part[1], part[2] if self.hflip else None)
+                yield self._finish(x), self.labels[batch]
 
     def shuffled_positions(
         self, count: int, epochs: float, batch_size: int, generator: torch.Generator
@@ -213,10 +257,11 @@ class FederatedData:
 
         A fractional part is the first share of one more shuffled pass (at
         least one sample), so a budget of 0.5 epochs sees half the samples.
+        Each epoch's order reaches the device in one non-blocking copy.
         """
         whole = int(epochs)
         for epoch in range(math.ceil(epochs)):
-            order = torch.randperm(count, generator=generator).to(self.device)
+            order = to_device(torch.randperm(count, generator=generator), self.device)
             if epoch == whole:  # the fractional pass
                 order = order[: max(1, round((epochs - whole) * count))]
             for start in range(0, len(order), batch_size):

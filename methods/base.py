@@ -281,14 +281,19 @@ class Method:
 
     # -- optional -------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
-        """(correct, total) of the loaded personalized model on the given batches."""
+    def evaluate(self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[int | torch.Tensor, int]:
+        """(correct, total) of the loaded personalized model on the given batches.
+
+        `correct` may stay a 0-dim tensor on the device: the engine reads every
+        client's count in one transfer at the end of the evaluation.
+        """
         correct = torch.zeros((), dtype=torch.long)
         total = 0
         for x, y in batches:
             correct = correct.to(y.device) + (model(x).argmax(dim=1) == y).sum()
             total += len(y)
-        return int(correct), total
+        return correct, total
 
     @classmethod
     def search_space(cls, trial: SearchTrial) -> dict[str, Any]:

@@ -169,6 +169,7 @@ def test_batched_evaluation_equals_evaluating_each_client(method):
     for c in range(sim.data.num_clients):  # the per-client path: load, then evaluate
         sim.load_client(c)
         sim._evaluate_loaded(c, each)
+    each.settle()  # the counts stayed on the device until here
     for key in ("test_correct", "test_count", "val_correct", "val_count"):
         assert getattr(batched, key).tolist() == getattr(each, key).tolist(), key
     assert batched.forward_samples == each.forward_samples

@@ -10,6 +10,8 @@ number of passes, without augmentation or evaluation:
 
 `bench perf overhead` prints samples/s of each and the ratio (a)/(b),
 each the median of `--repeats` alternating runs. The target is >= 0.95.
+Each side first runs one untimed round (an epoch for the loop), so
+neither is timed cold (allocator, kernel selection, compilation).
 
     bench perf overhead [--clients 4] [--rounds 3] [--dataset digits]
     python -m pflbench.benchmark.perf.overhead [same options]
@@ -28,7 +30,8 @@ from ..engine import Simulation
 from ..resolve import RunSpec
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a timer reads finished work (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -39,14 +42,15 @@ def _steps(sizes: list[int], batch_size: int) -> int:
 
 def _engine(cfg) -> tuple[float, int, int]:
     sim = Simulation(cfg)
-    rounds = cfg.train.rounds - 1  # the last round evaluates; time only training rounds
+    rounds = cfg.train.rounds - 2  # one warm-up round first; the last round evaluates: time only training rounds
+    sim.run_round()  # warm-up, untimed
     sizes = [sim.data.num_samples(c) for c in range(sim.data.num_clients)]
     samples = rounds * cfg.train.local_epochs * sum(sizes)
-    _sync(sim.device)
+    sync(sim.device)
     start = time.perf_counter()
     for _ in range(rounds):
         sim.run_round()
-    _sync(sim.device)
+    sync(sim.device)
     steps = rounds * cfg.train.local_epochs * _steps(sizes, cfg.train.batch_size)
     return samples / (time.perf_counter() - start), samples, steps
 
@@ -59,9 +63,8 @@ def _tight(cfg, epochs: int) -> tuple[float, int, int]:
     generator = torch.Generator().manual_seed(0)
     bs, t = cfg.train.batch_size, cfg.train
     model.train()
-    _sync(sim.device)
-    start = time.perf_counter()
-    for _ in range(epochs):
+
+    def epoch() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         order = torch.randperm(len(index), generator=generator).to(data.device)
         for s in range(0, len(index), bs):
@@ -71,7 +74,13 @@ def _tight(cfg, epochs: int) -> tuple[float, int, int]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    _sync(sim.device)
+
+    epoch()  # warm-up, untimed
+    sync(sim.device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        epoch()
+    sync(sim.device)
     samples = epochs * len(index)
     return samples / (time.perf_counter() - start), samples, epochs * _steps([len(index)], bs)
 
@@ -106,7 +115,7 @@ def measure(
         "model.embed_dim=96", "model.depth=4", "model.num_heads=4", "model.patch_size=2",
         "data.partition=iid", f"data.num_clients={clients}", "data.augment=false",
         "train.batch_size=64", "train.lr=0.01", "train.momentum=0.0", "train.sample_fraction=1.0",
-        f"train.rounds={rounds + 1}", f"train.eval_every={rounds + 1}", "train.local_epochs=1",
+        f"train.rounds={rounds + 2}", f"train.eval_every={rounds + 2}", "train.local_epochs=1",
     ]
     spec = RunSpec(preset="smoke", overrides=(*settings, *spec.overrides), device=spec.device, data_root=spec.data_root)
     cfg = spec.resolve("fedavg", dataset)

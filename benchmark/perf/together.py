@@ -3,8 +3,9 @@
 Both sides run the same configuration (same partition, init, sampled clients
 and batches) and differ only in `train.parallel_clients`: 1 (sequential) or
 K (a round's clients stacked, one batched step). Evaluation is left out of
-the timed rounds. The two sides alternate, `repeats` times, and the ratio is
-taken per repeat, so a shared machine's noise hits both alike.
+the timed rounds, and each side first runs one untimed round (warm-up). The
+two sides alternate, `repeats` times, and the ratio is taken per repeat, so a
+shared machine's noise hits both alike.
 
     bench perf together [--method fedavg] [--preset smoke] [--parallel 0] [--rounds 1]
     python -m pflbench.benchmark.perf.together [same options]
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 
 from ..resolve import RunSpec
 from ..engine import Simulation
+from .overhead import sync
 
 
 def time_rounds(cfg, rounds: int) -> tuple[float, int]:
-    """Samples/s over `rounds` training rounds of a fresh simulation (no evaluation), and the samples."""
+    """Samples/s over `rounds` training rounds of a fresh simulation after one untimed round, and the samples."""
     sim = Simulation(cfg)
+    sim.run_round()  # warm-up, untimed
     drawn: list[int] = []
     draw = sim.sample_clients
 
@@ -31,9 +34,11 @@ def time_rounds(cfg, rounds: int) -> tuple[float, int]:
         return chosen
 
     sim.sample_clients = sample_clients
+    sync(sim.device)
     start = time.perf_counter()
     for _ in range(rounds):
         sim.run_round()
+    sync(sim.device)
     seconds = time.perf_counter() - start
     samples = cfg.train.local_epochs * sum(sim.data.num_samples(c) for c in drawn)
     return samples / seconds, samples
@@ -60,8 +65,8 @@ def measure(
 ) -> TogetherResult:
     """Alternate sequential and together runs of `spec`; `parallel` 0 = all of a round's sampled clients."""
     base = spec.resolve(method, dataset)
-    # Evaluate only after the timed rounds.
-    timed = spec.with_overrides(f"train.rounds={rounds + 1}", f"train.eval_every={rounds + 1}")
+    # A warm-up round, the timed rounds, and an evaluation only after them.
+    timed = spec.with_overrides(f"train.rounds={rounds + 2}", f"train.eval_every={rounds + 2}")
     k = parallel or max(1, int(round(base.train.sample_fraction * base.data.num_clients)))
     seq = timed.with_overrides("train.parallel_clients=1").resolve(method, dataset)
     tog = timed.with_overrides(f"train.parallel_clients={k}").resolve(method, dataset)
