@@ -705,7 +705,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         suite = run_sweep(args.suite, workers=args.workers, tracking_uri=args.tracking_uri,
-                          experiment=args.experiment, data_root=args.data_root, on_start=on_start, on_item=on_item)
+                          experiment=args.experiment, data_root=args.data_root, best_of=args.best_of,
+                          on_start=on_start, on_item=on_item)
     finally:
         if progress is not None:
             progress.stop()
@@ -726,8 +727,56 @@ def _add_sweep(sub) -> None:
     p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets, for runs whose suite sets none")
     p.add_argument("--workers", type=int, default=1, metavar="K",
                    help="parallel worker processes: one GPU each, or the CPU threads split (default 1)")
+    p.add_argument("--best-of", metavar="PATTERN",
+                   help="start every run from this tuning study's best config, e.g. '{method}-{dataset}-paper'")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     p.set_defaults(func=cmd_sweep)
+
+
+# ---------------------------------------------------------------------------
+# bench plan
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .console_study import show_plan
+    from .plan import plan_suite, suite_studies
+
+    if args.studies:
+        for method, dataset, preset in suite_studies(args.suite, tracking_uri=args.tracking_uri,
+                                                     experiment=args.experiment):
+            show.print_plain(f"{method} {dataset} {preset}")
+        return 0
+    plan = plan_suite(args.suite, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                      data_root=args.data_root, peak_tflops=args.peak_tflops, utilization=args.utilization,
+                      trials=args.trials, tune_rounds=args.tune_rounds)
+    if not args.quiet:
+        show_plan(show.console, plan)
+    hours = plan.gpu_hours(plan.flops + plan.tuning_flops)
+    print(f"plan {plan.suite.path.name} runs={len(plan.runs)} to_run={len(plan.to_run)} "
+          f"train_pflop={(plan.flops + plan.tuning_flops) / 1e15:.1f} gpu_hours={hours:.1f}")
+    if plan.unregistered:
+        raise UserError(f"the suite names methods this install does not register: {', '.join(plan.unregistered)};"
+                        " `bench sweep` refuses it until they are")
+    return 0
+
+
+def _add_plan(sub) -> None:
+    from .plan import H100_BF16_TFLOPS, UTILIZATION
+
+    p = sub.add_parser("plan", help="the runs a suite will do and an estimate of their GPU hours from FLOP counts")
+    p.add_argument("suite", metavar="SUITE.toml", help="the suite file (see README: bench sweep)")
+    _add_tracking_arguments(p)
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets, for runs whose suite sets none")
+    p.add_argument("--peak-tflops", type=_positive_float, default=H100_BF16_TFLOPS,
+                   help=f"the GPU's peak throughput in TFLOPS (default {H100_BF16_TFLOPS:g}: an H100's bf16 peak)")
+    p.add_argument("--utilization", type=_positive_float, default=UTILIZATION,
+                   help=f"share of the peak a training step sustains, in (0, 1] (default {UTILIZATION})")
+    p.add_argument("--trials", type=int, default=0, help="tuning trials per method and setting first (default 0)")
+    p.add_argument("--tune-rounds", type=int, default=0, metavar="R", help="rounds of one tuning trial")
+    p.add_argument("--studies", action="store_true",
+                   help="only list the tuning studies the suite needs, one 'METHOD DATASET PRESET' line each")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.set_defaults(func=cmd_plan)
 
 
 # ---------------------------------------------------------------------------
@@ -765,7 +814,8 @@ def _add_leaderboard(sub) -> None:
 # ---------------------------------------------------------------------------
 # entry point
 
-COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_runs, _add_tune, _add_sweep, _add_leaderboard]
+COMMANDS: list[Callable] = [_add_run, _add_partition, _add_sensitivity, _add_perf, _add_runs, _add_tune, _add_sweep, _add_plan,
+                            _add_leaderboard]
 
 
 def _version() -> str:

@@ -26,18 +26,21 @@ in (pinned, on CUDA) host memory beyond it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..methods import ClientUpdate, Phase, TrainStats
+from ..methods.base import BatchStep, Penalty
 from .config import TrainConfig
 from .device import to_device
 from .errors import TrainingDiverged, UserError
-from .flops import FlopMeter
+from .flops import FlopMeter, count_flops
 
 if TYPE_CHECKING:
     from .engine import Simulation
@@ -139,33 +142,58 @@ class _ClientContext:
         self._flops = sim.clients.flops
 
     def train_epochs(self, model: nn.Module, params: Sequence[nn.Parameter], epochs: float, forward=None,
-                     features=None) -> TrainStats:
+                     features=None, *, penalty: Penalty | None = None, step: BatchStep | None = None,
+                     batches_per_step: int = 1) -> TrainStats:
         """SGD on `params` only, for `epochs` passes over the client's training data (a fraction ends early).
 
         With `features`, the passes run over `features(model, x)` of the unaugmented
-        images, computed once here (see `Phase`).
+        images, computed once here. `penalty` and `step` are a `Phase`'s: a term
+        added to each batch's loss, and a step that replaces the plain one (see `Phase`).
         """
         params = list(params)
         cfg = self.train
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+        def apply() -> None:
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+
+        loop = None
+        if step is not None:
+            ids = {id(p) for p in params}
+            named = {n: p for n, p in model.named_parameters() if id(p) in ids}
+            loop = _StepLoop(named, cfg.batch_size, self._autocast, apply)
         loss_sum = torch.zeros((), device=self.device)
         samples, flops = 0, 0.0
         if features is not None:
             batches, flops = self._feature_batches(model, features, epochs)
         else:
-            batches = self.data.train_batches(self.client, epochs, cfg.batch_size, self.generator)
+            batches = self.data.train_batches(self.client, epochs, cfg.batch_size * batches_per_step, self.generator)
         step_flops = None
         for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if loop is not None:
+                # A method's own step: its first batch runs under the counter, the rest reuse the count per sample.
+                kind = (step_kind(params, step, None), tuple(x.shape[1:]))
+                per_sample = self._flops.known(kind)
+                if per_sample is None:
+                    (batch_loss, n), counted = count_flops(step, model, x, y, loop)
+                    self._flops.remember(kind, counted / max(n, 1))
+                    flops += counted
+                else:
+                    batch_loss, n = step(model, x, y, loop)
+                    flops += per_sample * n
+                loss_sum += batch_loss.detach()
+                samples += n
+                continue
             if step_flops is None:  # counted once per kind of step and input shape, on a probe of one sample
                 step_flops = self._flops.per_sample(step_kind(params, forward, features), self._model, forward, x[:1])
             with self._autocast():
                 logits = forward(model, x) if forward is not None else model(x)
                 loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            (loss + penalty(model) if penalty is not None else loss).backward()
+            apply()
             loss_sum += loss.detach() * len(y)
             samples += len(y)  # every sample here goes through a backward pass
             flops += step_flops * len(y)
@@ -182,6 +210,16 @@ class _ClientContext:
         flops = self._flops.per_sample(("features", features), self._model, features, first, backward=False)
         positions = self.data.shuffled_positions(len(labels), epochs, cfg.batch_size, self.generator)
         return ((feats[p], labels[p]) for p in positions), flops * len(labels)
+
+
+@dataclass
+class _StepLoop:
+    """The `StepLoop` a phase's own step gets: its parameters, the autocast and the optimizer step."""
+
+    params: dict[str, nn.Parameter]
+    batch_size: int
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    apply: Callable[[], None]
 
 
 @contextlib.contextmanager
@@ -342,19 +380,31 @@ class ClientRunner:
         named = dict(sim.model.named_parameters())
         stats = TrainStats(torch.zeros((), device=sim.device), 0)
         for phase in phases:
+            # Only a phase that changes the step passes those options (train_epochs' plain signature stays).
+            changes_step = phase.penalty is not None or phase.step is not None or phase.batches_per_step != 1
+            extra = {"penalty": phase.penalty, "step": phase.step,
+                     "batches_per_step": phase.batches_per_step} if changes_step else {}
             with _frozen_except(sim.model, phase.params):
                 stats = stats + ctx.train_epochs(
-                    sim.forward_model, [named[n] for n in phase.params], phase.epochs, phase.forward, phase.features
+                    sim.forward_model, [named[n] for n in phase.params], phase.epochs, phase.forward, phase.features,
+                    **extra
                 )
         self._check_loss(ctx.client, ctx.round_index, stats.loss_sum)
         return stats
 
-    def train_client(self, client: int, round_index: int) -> tuple[ClientUpdate, TrainStats]:
-        """One client's local step: load its state, run its phases, read the shared part back."""
+    def train_client(self, client: int, round_index: int,
+                     personal_only: bool = False) -> tuple[ClientUpdate, TrainStats]:
+        """One client's local step: load its state, run its phases, read the shared part back.
+
+        `personal_only`: the phases train only the personal parameters (a held-out client's adaptation).
+        """
         sim = self.sim
         sent = self.load_client(client)
         ctx = _ClientContext(sim, client, round_index)
-        stats = self.run_phases(ctx, sim.method.local_phases(sim.model, ctx))
+        phases = sim.method.local_phases(sim.model, ctx)
+        if personal_only:
+            phases = personal_phases(phases, sim.personal_names)
+        stats = self.run_phases(ctx, phases)
         with torch.no_grad():
             params = {n: sim._entries[n].detach().clone() for n in sent}
         sim._personal.put(client, {n: sim._entries[n] for n in sim.personal_names})
@@ -364,15 +414,16 @@ class ClientRunner:
     def train_together(self, clients: Sequence[int], round_index: int) -> list[tuple[ClientUpdate, TrainStats]]:
         """Train `clients` as one batch of models; the result equals `train_client` for each.
 
-        Falls back to one client at a time when their phases differ.
+        Falls back to one client at a time when their phases differ or change the step (`Phase.batchable`).
         """
         sim = self.sim
         model = sim.model
         ctxs = [_ClientContext(sim, c, round_index) for c in clients]
         phases = [sim.method.local_phases(model, ctx) for ctx in ctxs]
-        # Phases on precomputed features train a head on a few thousand vectors: nothing to batch there.
+        # Phases on precomputed features (a head on a few thousand vectors) or with their own step run one
+        # client at a time (`Phase.batchable`).
         if (len(clients) < 2 or any(p != phases[0] for p in phases[1:])
-                or any(p.features is not None for p in phases[0])):
+                or not all(phase.batchable for phase in phases[0])):
             return [self.train_client(c, round_index) for c in clients]
         sents = [sim.server_work(sim.method.broadcast, c) for c in clients]
         with torch.no_grad():
@@ -522,6 +573,17 @@ class ClientRunner:
         # Memory PyTorch's allocator holds but does not use (the probe's own, now freed) is free to it too.
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return fit_parallel(k, free, peak + 3 * params)
+
+
+def personal_phases(phases: Sequence[Phase], personal: Sequence[str]) -> list[Phase]:
+    """`phases` restricted to the `personal` parameters (the shared part frozen); emptied phases are dropped."""
+    keep = set(personal)
+    out = []
+    for phase in phases:
+        params = tuple(n for n in phase.params if n in keep)
+        if params:
+            out.append(dataclasses.replace(phase, params=params))
+    return out
 
 
 def resolve_parallel(setting: str, device: torch.device, sampled: int) -> int:

@@ -98,6 +98,7 @@ class DataConfig:
     stratify: bool = False  # split each client's samples into train/val/test class by class (Office-Home reference)
     partition_seed: int = -1  # seed of the partition; -1 = the run's seed
     partition_file: str = ""  # reuse a saved partition (JSON artifact) exactly
+    novel_clients: int = 0  # clients held out of training (seeded), adapted after the last round: novel_test_acc_mean
     augment: bool = True  # random crop (and flip where the dataset allows) on the device
     normalize: str = "train"  # train: mean/std of the training images only; fixed: (0.5, 0.5), the reference's
 
@@ -373,6 +374,8 @@ def check_ranges(cfg: RunConfig) -> None:
     require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
     require(d.clients_per_domain >= 1, "data.clients_per_domain", d.clients_per_domain, "must be >= 1")
     require(d.min_samples >= 0, "data.min_samples", d.min_samples, "must be >= 0")
+    require(0 <= d.novel_clients < d.num_clients, "data.novel_clients", d.novel_clients,
+            f"must be >= 0 and leave clients to train: < data.num_clients={d.num_clients}")
     require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
     require(d.val_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,

@@ -113,10 +113,48 @@ def leaderboard_summary(console: Console, board: Any, out: str) -> None:
     """One table per dataset, as in the written README."""
     for section in board.sections:
         table = Table(title=f"{section.dataset}: {section.setting}", title_justify="left")
-        for column in ("method", "n", "test_acc_mean (95% CI)", "vs best", "worst 10%", "bytes up/round"):
+        paper = bool(section.paper_preset)
+        for column in ("method", "n", "test_acc_mean (95% CI)", *(["paper reports (%)"] if paper else []), "vs best",
+                       "worst 10%", "bytes up/round"):
             table.add_column(column, justify="left" if column == "method" else "right")
         for cell in section.cells:
-            table.add_row(cell.method, str(cell.n), cell.acc_text, cell.vs_best_text, cell.worst_text,
+            reported = [cell.paper.text if cell.paper else ""] if paper else []
+            table.add_row(cell.method, str(cell.n), cell.acc_text, *reported, cell.vs_best_text, cell.worst_text,
                           cell.bytes_text)
         console.print(table)
     console.print(f"written: {out}/README.md, {out}/results.csv, {out}/index.html", highlight=False)
+
+
+def show_plan(console: Console, plan: Any) -> None:
+    """A suite's runs, grouped by setting and method, with the estimated training compute and GPU hours."""
+    groups: dict[tuple, list] = {}
+    for run in plan.runs:
+        groups.setdefault((run.item.spec.preset or run.item.dataset, run.item.method), []).append(run)
+    table = Table(title=f"plan: {plan.suite.path.name} (schedule: rounds x clients a round x epochs x train"
+                        " samples a client)", title_justify="left")
+    for column in ("setting", "method", "seeds", "to run", "schedule", "GFLOP/sample", "PFLOP/run", "GPU h"):
+        table.add_column(column, justify="left" if column in ("setting", "method") else "right")
+    sources = {}
+    for (setting, method), runs in groups.items():
+        first = runs[0]
+        todo = [r for r in runs if r.item.status != "skipped"]
+        sources[setting] = first.data.source
+        table.add_row(setting, method + ("" if first.item.registered else " *"),
+                      ",".join(str(r.item.seed) for r in runs), str(len(todo)),
+                      f"{first.rounds}x{first.clients_per_round}x{first.local_epochs}x{first.data.train_per_client:,.0f}",
+                      f"{first.flops_per_sample / 1e9:.2f}", f"{first.flops / 1e15:.1f}",
+                      f"{plan.gpu_hours(sum(r.flops for r in todo)):.2f}")
+    console.print(table)
+    console.print("train samples a client from: " + "; ".join(f"{k}: {v}" for k, v in sources.items()),
+                  highlight=False)
+    if plan.unregistered:
+        console.print(f"* not registered in this install, planned as the plain model: {', '.join(plan.unregistered)}",
+                      highlight=False)
+    skipped = len(plan.runs) - len(plan.to_run)
+    console.print(f"{len(plan.to_run)} runs to do ({skipped} already finished): {plan.flops / 1e18:.2f} EFLOP of"
+                  f" training = {plan.gpu_hours(plan.flops):.1f} GPU hours at {plan.utilization:.0%} of"
+                  f" {plan.peak_tflops:g} TFLOPS (bf16 peak); evaluation not counted", highlight=False)
+    if plan.trials:
+        console.print(f"tuning first: {plan.trials} trials x {plan.tune_rounds} rounds per method and setting ="
+                      f" {plan.tuning_flops / 1e18:.2f} EFLOP = {plan.gpu_hours(plan.tuning_flops):.1f} GPU hours"
+                      " (at most: pruned trials stop early)", highlight=False)

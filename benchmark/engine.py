@@ -7,10 +7,10 @@ update, and keeps the personal part aside. The method's server hooks then
 aggregate. Nothing is deep-copied per client, and data never leaves the
 device. Progress is reported through `Callback`s; this module does no I/O.
 
-A method may hold some clients out of training (`Method.held_out_clients`):
-they are never sampled and the round metrics leave them out; after the last
-round the method adapts to them (`Method.fit_held_out`, through the same
-one-client step the rounds use) and their accuracy is reported with the
+`data.novel_clients = K` holds K clients (drawn by the run's seed) out of
+training: they are never sampled and the round metrics leave them out; after
+the last round the method adapts to them (`Method.fit_held_out`, through the
+same one-client step the rounds use) and their accuracy is reported with the
 `novel_` prefix (`novel_test_acc_mean`, ...).
 
 Each round records its compute: `train_samples` (through a backward pass,
@@ -250,11 +250,12 @@ class Simulation:
         self.clients = ClientRunner(self)
         self._parallel_cap: int | None = None  # `auto` lowered to what fits in device memory (GPU)
         k = self.data.num_clients
-        held_out = self.method.held_out_clients(k, np.random.default_rng(self.seeds["held_out"]))
-        self.held_out: list[int] = sorted(set(int(c) for c in held_out))
+        novel = cfg.data.novel_clients
+        if novel >= k:
+            raise UserError(f"bad value for data.novel_clients: {novel} (must be < the {k} clients of the partition)")
+        held_out = np.random.default_rng(self.seeds["held_out"]).choice(k, size=novel, replace=False)
+        self.held_out: list[int] = sorted(int(c) for c in held_out)
         self.training_clients: list[int] = sorted(set(range(k)) - set(self.held_out))
-        if not self.training_clients:
-            raise UserError(f"every one of the {k} clients is held out; none is left to train")
         self.method.server_init(self.model, {n: self._entries[n] for n in self.shared_names}, self.data.num_clients)
 
         self.server_flops = 0.0  # FLOPs of the method's server hooks since the round began (`server_work`)
@@ -552,9 +553,9 @@ class Simulation:
         """Let the method adapt to the held-out clients, then evaluate only them."""
         rounds = self.cfg.train.rounds
 
-        def train_held_out(client: int, step: int) -> ClientUpdate:
+        def train_held_out(client: int, step: int, personal_only: bool = False) -> ClientUpdate:
             # Batches seeded past the training rounds, so they never repeat a round's.
-            return self.train_client(client, rounds + step)[0]
+            return self.clients.train_client(client, rounds + step, personal_only)[0]
 
         self.method.fit_held_out(list(self.held_out), train_held_out)
         return self.evaluate(self.held_out)

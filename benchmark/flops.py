@@ -9,6 +9,8 @@ runs in the batch loop.
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
 from typing import Any, Callable, Hashable, TypeVar
 
 import torch
@@ -115,3 +117,58 @@ class FlopMeter:
         if key not in self._per_sample:
             self._per_sample[key] = float(step_flops(model, forward, sample, backward))
         return self._per_sample[key]
+
+    def known(self, key: Hashable) -> float | None:
+        """FLOPs per sample remembered for `key` (a step counted as it ran), or None."""
+        return self._per_sample.get(key)
+
+    def remember(self, key: Hashable, per_sample: float) -> None:
+        self._per_sample[key] = float(per_sample)
+
+
+def client_update_flops(method: Any, model: nn.Module, train: Any, in_chans: int, image_size: int,
+                        client_samples: float) -> tuple[float, float]:
+    """(FLOPs of one client's local update, FLOPs of its fine-tuning before the final evaluation),
+    for a client holding `client_samples` training samples, counted on probes as the engine counts
+    `train_flops`: no data is read and nothing trains. `model` is `method`'s adapted model; `train`
+    the run's `TrainConfig`."""
+    from .client import _frozen_except  # the engine's own freezing: the same parameters take gradients
+
+    x = torch.zeros(1, in_chans, image_size, image_size)
+    model.train()
+
+    def per_update(phases) -> float:
+        total = 0.0
+        for phase in phases:
+            with _frozen_except(model, phase.params):
+                inputs = x
+                if phase.features is not None:
+                    total += client_samples * step_flops(model, phase.features, x, backward=False)
+                    with torch.no_grad():
+                        inputs = phase.features(model, x)
+                if phase.step is not None:
+                    per_sample = _own_step_flops(model, phase, train.batch_size, in_chans, image_size)
+                else:
+                    per_sample = step_flops(model, phase.forward, inputs)
+                total += phase.epochs * client_samples * per_sample
+        return total
+
+    data = SimpleNamespace(num_samples=lambda client, split="train": int(round(client_samples)))
+    ctx = SimpleNamespace(client=0, round_index=1, final=False, train=train, data=data, device=torch.device("cpu"))
+    update = per_update(method.local_phases(model, ctx))
+    finetune = per_update(method.finetune_phases(model, SimpleNamespace(**{**vars(ctx), "final": True})))
+    return update, finetune
+
+
+def _own_step_flops(model: nn.Module, phase: Any, batch_size: int, in_chans: int, image_size: int) -> float:
+    """FLOPs per sample of the client's data of a phase's own step (APFL, Per-FedAvg), counted on one
+    probe call (of `batch_size * batches_per_step` samples) whose optimizer step does nothing."""
+    n = batch_size * phase.batches_per_step
+    x, y = torch.zeros(n, in_chans, image_size, image_size), torch.zeros(n, dtype=torch.long)
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    loop = SimpleNamespace(params=named, batch_size=batch_size, autocast=contextlib.nullcontext, apply=lambda: None)
+    with torch.random.fork_rng(devices=[]):
+        _, flops = count_flops(phase.step, model, x, y, loop)
+    for p in named.values():
+        p.grad = None
+    return flops / n

@@ -57,6 +57,7 @@ class SweepItem:
     spec: RunSpec
     config_hash: str
     status: str = "pending"  # pending, skipped (already finished), finished, failed
+    registered: bool = True  # False: a plan's run of a method not registered here (resolved as the plain model)
     run_id: str | None = None
     test_acc_mean: float | None = None
     error: str = ""
@@ -92,8 +93,13 @@ def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -
 
 
 def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_folder: Path,
-               data_root: str | None = None) -> Suite:
-    """Parse and resolve every run of a suite (a bad name or key fails here, before anything runs)."""
+               data_root: str | None = None, allow_unregistered: bool = False, best_of: str | None = None) -> Suite:
+    """Parse and resolve every run of a suite (a bad name or key fails here, before anything runs).
+
+    `allow_unregistered` (for a plan): a method this install does not register is kept, its runs
+    resolved as the plain model (`registered` False), instead of refused. `best_of` replaces every
+    run's own `best_of` study pattern.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"suite file not found: {path}")
@@ -121,17 +127,33 @@ def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_f
         dataset = str(run["dataset"])
         overrides = tuple(_list(run.get("overrides", []), "overrides", str))
         for method in _list(run.get("methods", methods), "methods", str):
-            METHODS.get(method)  # an unknown name lists the valid ones
+            registered = method in METHODS.names()
+            if not (registered or allow_unregistered):
+                METHODS.get(method)  # an unknown name lists the valid ones
             config_file = None
-            if run.get("best_of"):
-                study = str(run["best_of"]).format(method=method, dataset=dataset)
+            pattern = best_of or run.get("best_of")
+            if pattern:
+                study = str(pattern).format(method=method, dataset=dataset)
                 config_file = _best_config(tracking_uri, tune_experiment, study, config_folder)
             for seed in seeds:
                 spec = RunSpec(preset=run.get("preset"), config_file=config_file, overrides=overrides, seed=seed,
                                data_root=run.get("data_root", data_root))
-                cfg = spec.resolve(method, dataset)
-                suite.items.append(SweepItem(method, dataset, seed, spec, config_hash(cfg)))
+                cfg = spec.resolve(method if registered else "fedavg", dataset)
+                suite.items.append(SweepItem(method, dataset, seed, spec, config_hash(cfg), registered=registered))
     return suite
+
+
+def skip_finished(suite: Suite, tracking_uri: str, experiment: str) -> list[SweepItem]:
+    """Mark the items whose (config hash, seed) already FINISHED in `experiment` skipped; the rest, to run."""
+    done = {(r.tags.get("pflbench.config_hash"), r.tags.get("pflbench.seed"))
+            for r in find_runs(tracking_uri, experiment, stage=STAGE)}
+    todo = []
+    for item in suite.items:
+        if item.registered and (item.config_hash, str(item.seed)) in done:
+            item.status = "skipped"
+        else:
+            todo.append(item)
+    return todo
 
 
 def _run_one(method: str, dataset: str, spec: RunSpec, tracking_uri: str, experiment: str) -> dict[str, Any]:
@@ -164,28 +186,22 @@ def _init_worker(devices, threads: int) -> None:
 
 def run_sweep(
     suite_path: str | Path, *, workers: int = 1, tracking_uri: str | None = None, experiment: str = "pflbench",
-    data_root: str | None = None,
+    data_root: str | None = None, best_of: str | None = None,
     on_start: Callable[[int, int], None] | None = None, on_item: Callable[[SweepItem], None] | None = None,
 ) -> Suite:
     """Run every item of the suite not yet FINISHED; `on_start(total, skipped)`, then `on_item` per run.
 
-    `data_root` applies to the suite's runs that set none of their own.
+    `data_root` applies to the suite's runs that set none of their own; `best_of` (a study name
+    pattern with {method} and {dataset}) starts every run from that study's best config.
     """
     if workers < 1:
         raise UserError(f"bad --workers {workers}: must be >= 1")
     uri = tracking_uri or default_tracking_uri()
     with tempfile.TemporaryDirectory() as tmp:
         suite = load_suite(suite_path, tracking_uri=uri, experiment=experiment, config_folder=Path(tmp),
-                           data_root=data_root)
+                           data_root=data_root, best_of=best_of)
         exp = suite.experiment or experiment
-        done = {(r.tags.get("pflbench.config_hash"), r.tags.get("pflbench.seed"))
-                for r in find_runs(uri, exp, stage=STAGE)}
-        todo = []
-        for item in suite.items:
-            if (item.config_hash, str(item.seed)) in done:
-                item.status = "skipped"
-            else:
-                todo.append(item)
+        todo = skip_finished(suite, uri, exp)
         if on_start is not None:
             on_start(len(suite.items), len(suite.items) - len(todo))
 

@@ -64,6 +64,8 @@ class DatasetEntry:
     load: Loader  # load(options, progress=None): reads (or downloads) the files
     Options: type[DatasetConfig] = DatasetConfig  # the `dataset.*` config section
     default_preset: str | None = None  # preset used when --preset is not given
+    num_samples: int = 0  # images in the published dataset, all splits (for estimates without the files); 0 = unknown
+    num_classes: int = 0  # classes of the published dataset; 0 = unknown
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset")
@@ -75,11 +77,17 @@ def register_dataset(
     *,
     options: type[DatasetConfig] = DatasetConfig,
     default_preset: str | None = None,
+    num_samples: int = 0,
+    num_classes: int = 0,
 ) -> Callable[[Loader], Loader]:
-    """Register a loader `load(options, progress=None) -> ImageSet` under `name`."""
+    """Register a loader `load(options, progress=None) -> ImageSet` under `name`.
+
+    `num_samples` and `num_classes` describe the published dataset (0 = unknown), so that
+    `bench plan` can estimate a run's cost before the files are there.
+    """
 
     def wrap(load: Loader) -> Loader:
-        DATASETS.add(name, DatasetEntry(name, description, load, options, default_preset))
+        DATASETS.add(name, DatasetEntry(name, description, load, options, default_preset, num_samples, num_classes))
         return load
 
     return wrap

@@ -163,6 +163,8 @@ def parse(parts: dict[str, bytes], where: Path) -> tuple[np.ndarray, np.ndarray,
     "CIFAR-100: 60,000 32x32 images, 100 classes (downloaded from cs.toronto.edu, or a local copy)",
     options=DatasetConfig,
     default_preset="paper-cifar100",
+    num_samples=60_000,
+    num_classes=100,
 )
 def load_cifar100(cfg: DatasetConfig, progress: ProgressFn | None = None) -> ImageSet:
     """All 60,000 images (train then test), the official test split marked."""

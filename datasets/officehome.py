@@ -65,6 +65,8 @@ def find_tree(cfg: OfficeHomeOptions) -> tuple[Path, list[str]]:
     "Office-Home: 65 classes in 4 domains (Art, Clipart, Product, Real_World); manual download",
     options=OfficeHomeOptions,
     default_preset="paper-officehome",
+    num_samples=15_588,
+    num_classes=65,
 )
 def load_officehome(cfg: OfficeHomeOptions, progress: ProgressFn | None = None) -> ImageSet:
     """Every image, labelled by class, with its domain."""

@@ -65,6 +65,8 @@ def download(root: Path, size: int) -> None:
     "OrganAMNIST (MedMNIST): 58,830 gray CT slices, 11 organs, 28-224 px (downloaded via medmnist)",
     options=OrganAMNISTOptions,
     default_preset="paper-organamnist",
+    num_samples=58_830,
+    num_classes=11,
 )
 def load_organamnist(cfg: OrganAMNISTOptions, progress: ProgressFn | None = None) -> ImageSet:
     """Official train+val then test (the test split marked), gray as 1 or 3 channels."""

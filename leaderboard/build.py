@@ -8,6 +8,10 @@ rates still share a table. Statistics are in `stats.py`; MLflow is read
 through `benchmark/tracking.py` only. The output depends only on the runs:
 the date shown is the newest run's end, the version and commit those the
 runs recorded, everything is sorted, and the PNGs carry no timestamp.
+
+In the paper's settings (a section whose setting is a `paper-*` preset's) each
+method's row also shows the FedPerfix paper's own Table 2 value
+(`paper_table2.toml`), and the paper's methods have rows even before they ran.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import html
 import io
 import json
 import math
+import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +36,9 @@ from . import stats
 SETTING_PREFIXES = ("data.", "model.", "dataset.")
 SETTING_KEYS = ("train.rounds", "train.sample_fraction")
 UNSET = ("dataset.root",)  # where the files lie does not change the problem
+# Setting keys added since runs were first recorded, at the value older runs had without the key:
+# left out at that value, so old and new runs of one problem share a table (and its hash).
+ADDED_KEYS = {"data.novel_clients": "0"}
 PENDING_NOTE = "not run yet: needs a GPU"
 MISSING_NOTE = "no finished run in this setting"
 # The paper's settings (FedPerfix, Sun et al. 2023); shown as pending until runs exist.
@@ -41,7 +50,57 @@ PAPER_SETTINGS = (
 COLUMNS = ("dataset", "setting_hash", "setting", "method", "status", "n", "seeds", "test_acc_mean", "ci_low",
            "ci_high", "test_acc_weighted", "client_acc_std", "worst10_acc", "novel_test_acc_mean",
            "parameters", "personal_parameters", "bytes_up_per_round", "train_flops_per_round", "train_samples_per_round",
-           "train_seconds", "diff_vs_best", "diff_low", "diff_high", "vs_best", "run_ids")
+           "train_seconds", "diff_vs_best", "diff_low", "diff_high", "vs_best", "run_ids",
+           "paper_test_acc_mean", "paper_client_acc_std", "paper_note")
+PAPER_TABLE = "paper_table2.toml"  # the paper's Table 2, beside this module
+PAPER_HEAD = "paper reports (%, ± client std)"
+
+
+@dataclass(frozen=True)
+class PaperValue:
+    """One cell of the paper's Table 2: accuracy in %, mean ± std over clients."""
+
+    mean: float
+    std: float
+    merged: bool = False  # † the extraction merged its row: the value was assigned by cell order
+
+    @property
+    def text(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}" + (" †" if self.merged else "")
+
+
+@dataclass
+class PaperTable:
+    """The paper's Table 2 (`paper_table2.toml`): values by preset and method, with their source."""
+
+    source: str
+    merged_note: str
+    columns: dict[str, str]  # preset -> the paper's column name
+    differs: dict[str, str]  # preset -> where our setting differs from the paper's text
+    names: dict[str, str]  # method -> the paper's name for it, in the paper's order
+    adapted: dict[str, str]  # method -> how the paper ran it, where that differs from its original
+    values: dict[str, dict[str, PaperValue]]  # preset -> method -> value
+
+
+def load_paper_table(text: str | None = None) -> PaperTable:
+    """Parse `paper_table2.toml` (the packaged one unless `text` is given)."""
+    if text is None:
+        text = (resources.files("pflbench.leaderboard") / PAPER_TABLE).read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    settings = data["setting"]
+    table = PaperTable(data["source"], data.get("merged_note", ""), {p: v["column"] for p, v in settings.items()},
+                       {p: v.get("differs", "") for p, v in settings.items() if v.get("differs")}, {}, {},
+                       {p: {} for p in settings})
+    for row in data["row"]:
+        method = row["method"]
+        table.names[method] = row["paper"]
+        if row.get("adapted"):
+            table.adapted[method] = row["adapted"]
+        for preset in settings:
+            if preset in row:
+                mean, std = row[preset]
+                table.values[preset][method] = PaperValue(float(mean), float(std), preset in row.get("merged", []))
+    return table
 
 
 @dataclass
@@ -91,6 +150,7 @@ class Cell:
     verdict: str = ""  # best | not distinguishable | worse | better | too few seeds | pending
     note: str = ""
     pending_text: str = PENDING_NOTE  # what a pending row says instead of numbers
+    paper: PaperValue | None = None  # the paper's own value, in the paper's settings
 
     @property
     def n(self) -> int:
@@ -145,6 +205,7 @@ class Section:
     setting: str
     cells: list[Cell]
     pending: bool = False
+    paper_preset: str = ""  # the paper's setting this section is (its preset), if any
 
     @property
     def slug(self) -> str:
@@ -163,6 +224,7 @@ class Board:
     versions: list[str]
     commits: list[str]
     budget: str = ""
+    paper: PaperTable | None = None
 
 
 def _count(value: float) -> str:
@@ -190,7 +252,7 @@ def _num(value: float, digits: int) -> str:
 def setting_of(params: dict[str, str]) -> dict[str, str]:
     """The keys of a run's config that define its problem (not the method nor its tuning)."""
     return {k: v for k, v in sorted(params.items())
-            if (k.startswith(SETTING_PREFIXES) or k in SETTING_KEYS) and k not in UNSET}
+            if (k.startswith(SETTING_PREFIXES) or k in SETTING_KEYS) and k not in UNSET and ADDED_KEYS.get(k) != v}
 
 
 def setting_hash(params: dict[str, str]) -> str:
@@ -264,9 +326,42 @@ def _compare(cells: list[Cell]) -> None:
             cell.verdict = "worse" if cell.diff.mean < 0 else "better"
 
 
+def paper_setting(preset: str, dataset: str) -> dict[str, str]:
+    """The setting keys of a `paper-*` preset, as its runs record them (params are strings)."""
+    from ..benchmark.config import flatten
+    from ..benchmark.resolve import resolve_config
+
+    return setting_of({k: str(v) for k, v in flatten(resolve_config("fedavg", dataset, preset=preset)).items()})
+
+
+def _is_setting(params: dict[str, str], wanted: dict[str, str]) -> bool:
+    """True when the run's setting is `wanted` on every key both know (a key added since is not held against it)."""
+    mine = setting_of(params)
+    return all(mine[k] == v for k, v in wanted.items() if k in mine)
+
+
+def _add_paper_rows(section: Section, table: PaperTable, methods: Sequence[str]) -> None:
+    """The paper's value on each row, and a row "not run yet" for each of its methods that has no run here."""
+    values = table.values.get(section.paper_preset, {})
+    if section.pending:  # the paper's methods in its order, then ours
+        order = [m for m in table.names if m in values] + [m for m in methods if m not in values]
+        section.cells = [Cell(m, [], verdict="pending") for m in order]
+    else:
+        present = {c.method for c in section.cells}
+        section.cells += [Cell(m, [], verdict="pending") for m in table.names if m in values and m not in present]
+    for cell in section.cells:
+        cell.paper = values.get(cell.method)
+        if not cell.n:
+            cell.pending_text = PENDING_NOTE
+
+
 def build_board(runs: Sequence[RunRow], *, experiment: str, stage: str = "final", budget: str = "",
-                pending: bool = True) -> Board:
-    """Group, deduplicate and compare; add the paper's settings as pending rows when they have no runs."""
+                pending: bool = True, paper: PaperTable | None = None) -> Board:
+    """Group, deduplicate and compare; add the paper's settings as pending rows when they have no runs.
+
+    In a paper setting every row shows the paper's value (`paper`, default: the packaged Table 2).
+    """
+    paper = paper if paper is not None else load_paper_table()
     groups: dict[tuple[str, str], dict[str, list[RunRow]]] = {}
     params_of: dict[tuple[str, str], dict[str, str]] = {}
     for run in runs:
@@ -282,17 +377,22 @@ def build_board(runs: Sequence[RunRow], *, experiment: str, stage: str = "final"
         # A method run elsewhere but not here is a row too: its absence is visible, not silent.
         cells += [Cell(m, [], verdict="pending", pending_text=MISSING_NOTE) for m in methods if m not in groups[key]]
         sections.append(Section(key[0], key[1], describe_setting(params_of[key]), cells))
-    if pending:
-        present = {s.dataset for s in sections}
-        for dataset, preset, text in PAPER_SETTINGS:
-            if dataset not in present:
-                cells = [Cell(m, [], verdict="pending") for m in methods]
-                sections.append(Section(dataset, preset, f"{text} (preset {preset})", cells, pending=True))
+    for dataset, preset, text in PAPER_SETTINGS:
+        wanted = paper_setting(preset, dataset)
+        matched = [s for s in sections if s.dataset == dataset and _is_setting(params_of[(dataset, s.setting_hash)],
+                                                                               wanted)]
+        for section in matched:
+            section.paper_preset = preset
+            _add_paper_rows(section, paper, methods)
+        if pending and not matched:
+            section = Section(dataset, preset, f"{text} (preset {preset})", [], pending=True, paper_preset=preset)
+            _add_paper_rows(section, paper, methods)
+            sections.append(section)
     used = [r for s in sections for c in s.cells for r in c.runs]
     newest = max((r.end_time for r in used), default=0)
     date = datetime.fromtimestamp(newest / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if newest else ""
     return Board(sections, experiment, stage, len(used), date, sorted({r.version for r in used if r.version}),
-                 sorted({r.commit for r in used if r.commit}), budget)
+                 sorted({r.commit for r in used if r.commit}), budget, paper)
 
 
 # ---------------------------------------------------------------------------
@@ -360,6 +460,9 @@ def _csv_rows(board: Board) -> list[dict[str, str]]:
                 "train_seconds": _num(c.seconds, 1), "diff_vs_best": _num(d.mean, 6) if d else "",
                 "diff_low": _num(d.lo, 6) if d else "", "diff_high": _num(d.hi, 6) if d else "",
                 "vs_best": "" if c.verdict == "pending" else c.verdict, "run_ids": " ".join(c.run_ids),
+                "paper_test_acc_mean": _num(c.paper.mean / 100, 4) if c.paper else "",
+                "paper_client_acc_std": _num(c.paper.std / 100, 4) if c.paper else "",
+                "paper_note": "merged row in the extraction" if c.paper and c.paper.merged else "",
             })
     return rows
 
@@ -382,6 +485,39 @@ def _table_cells(c: Cell) -> list[str]:
         return [c.method, "0", c.pending_text] + [""] * (len(TABLE_HEAD) - 3)
     return [c.method, str(c.n), c.acc_text, c.vs_best_text, _num(c.weighted, 4), _num(c.std, 4), c.worst_text,
             _num(c.novel, 4), c.params_text, c.bytes_text, _si(c.flops), _num(c.seconds, 1)]
+
+
+def _head(s: Section) -> list[str]:
+    """The table's columns: a paper setting's has the paper's value after ours."""
+    head = list(TABLE_HEAD)
+    if s.paper_preset:
+        head.insert(3, PAPER_HEAD)
+    return head
+
+
+def _row_cells(s: Section, c: Cell) -> list[str]:
+    cells = _table_cells(c)
+    if s.paper_preset:
+        cells.insert(3, c.paper.text if c.paper else "")
+    return cells
+
+
+def paper_notes(board: Board, s: Section) -> list[str]:
+    """What the paper column means in section `s`: source, units, the method mapping, setting differences."""
+    table = board.paper
+    if table is None or not s.paper_preset:
+        return []
+    shown = {c.method for c in s.cells if c.paper}
+    notes = [f"Paper reports: {table.source}, column {table.columns[s.paper_preset]} (leaderboard/{PAPER_TABLE}): "
+             f"accuracy in %, ± the std over clients (ours: a fraction, ± a 95% interval over seeds; our std over "
+             f"clients is \"client std\")."]
+    notes += [f"{m} = the paper's {table.names[m]}: {table.adapted[m]}." for m in table.names
+              if m in shown and m in table.adapted]
+    if any(c.paper.merged for c in s.cells if c.paper):
+        notes.append(table.merged_note + ".")
+    if s.paper_preset in table.differs:
+        notes.append(f"Our setting: {table.differs[s.paper_preset]}")
+    return notes
 
 
 def _provenance(board: Board) -> list[str]:
@@ -412,11 +548,13 @@ def readme(board: Board, plots: dict[str, str]) -> str:
     for s in board.sections:
         out += [f"## {s.dataset}", "", f"Setting: {s.setting}" + ("" if s.pending else f" (setting {s.setting_hash})"),
                 ""]
-        out.append("| " + " | ".join(TABLE_HEAD) + " |")
-        out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(TABLE_HEAD))) + "|")
+        head = _head(s)
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|")
         for c in s.cells:
-            out.append("| " + " | ".join(_table_cells(c)) + " |")
+            out.append("| " + " | ".join(_row_cells(s, c)) + " |")
         out.append("")
+        out += [f"- {note}" for note in paper_notes(board, s)] + ([""] if s.paper_preset else [])
         if s.slug in plots:
             out += [f"![accuracy vs communication and time: {s.dataset}]({plots[s.slug]})", ""]
         ids = [(c.method, c.run_ids) for c in s.cells if c.run_ids]
@@ -507,15 +645,20 @@ def index_html(board: Board, plots_png: dict[str, bytes]) -> str:
     parts += [f"<p>{e(line)}</p>" for line in _provenance(board)]
     for s in board.sections:
         parts.append(f'<section id="{e(s.slug)}"><h2>{e(s.dataset)}</h2><p>Setting: {e(s.setting)}</p>')
-        parts.append('<table class="board"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in TABLE_HEAD)
+        parts.append('<table class="board"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in _head(s))
                      + "</tr></thead><tbody>")
         for c in s.cells:
             cls = "cell" + (" best" if c.verdict == "best" else "") + (" pending" if c.verdict == "pending" else "")
-            tds = "".join(f'<td data-v="{e(_sort_value(c, i))}">{e(text)}</td>'
-                          for i, text in enumerate(_table_cells(c)))
+            keys = [_sort_value(c, i) for i in range(len(TABLE_HEAD))]
+            if s.paper_preset:
+                keys.insert(3, repr(c.paper.mean) if c.paper else "")
+            tds = "".join(f'<td data-v="{e(key)}">{e(text)}</td>' for key, text in zip(keys, _row_cells(s, c)))
             parts.append(f'<tr class="{cls}" data-method="{e(c.method)}" title="MLflow runs: '
                          f'{e(" ".join(c.run_ids))}">{tds}</tr>')
         parts.append("</tbody></table>")
+        notes = paper_notes(board, s)
+        if notes:
+            parts.append('<ul class="paper">' + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
         if s.slug in plots_png:
             data = base64.b64encode(plots_png[s.slug]).decode()
             parts.append(f'<img alt="accuracy vs communication and time: {e(s.dataset)}" '

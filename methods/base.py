@@ -12,8 +12,8 @@ Optional: `adapt_model` (add modules before training), `evaluate`,
 `finetune_phases` (train on the client's own data before evaluating),
 `global_view` (the one model the server holds, for `global_test_acc_mean`),
 `search_space` (the method's tuning space, duck-typed over an Optuna trial),
-`run_info` (numbers logged at run start), and the held-out ("novel") client
-pair `held_out_clients` / `fit_held_out`.
+`run_info` (numbers logged at run start), and `fit_held_out` (how a client
+held out of training, `data.novel_clients`, adapts after the last round).
 The engine owns data, devices, the round loop, per-client personal state and
 metrics; a method never does I/O.
 """
@@ -21,9 +21,8 @@ metrics; a method never does I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -71,6 +70,26 @@ class ClientUpdate:
 
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+Penalty = Callable[[nn.Module], torch.Tensor]
+
+
+class StepLoop(Protocol):
+    """What the engine's batch loop lends a phase's own `step`."""
+
+    params: dict[str, nn.Parameter]  # the phase's parameters by name (every other one is frozen)
+    batch_size: int  # train.batch_size
+
+    def autocast(self) -> ContextManager[None]:
+        """The run's autocast (bf16 on CUDA), to wrap forward passes in."""
+        ...
+
+    def apply(self) -> None:
+        """Clip the gradients now in the parameters' `.grad` and take the phase's optimizer step."""
+        ...
+
+
+# (model, x, y, loop) -> (summed loss, samples that went through a backward pass)
+BatchStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, StepLoop], tuple[torch.Tensor, int]]
 
 
 @dataclass(frozen=True)
@@ -84,12 +103,28 @@ class Phase:
     epochs then train `forward(model, features)` on those: FedRep's head epochs
     on a frozen body cost one body pass, not one per epoch. Because a phase is
     data, the engine can run it for one client or for several clients at once.
+
+    Two optional changes to the engine's one batch loop: `penalty(model)` is
+    added to each batch's loss (Ditto's proximal term), and `step` replaces the
+    per-batch step (loss, backward, optimizer step) where a method's authors
+    step differently (APFL's two models, Per-FedAvg's meta step); it receives
+    `batch_size * batches_per_step` samples at a time, computes its own loss
+    (`forward` and `penalty` are then unused) and calls `loop.apply()` to step.
+    Phases with either run one client at a time.
     """
 
     params: tuple[str, ...]  # names of the parameters trained in this phase
     epochs: float  # passes over the client's training data (a fraction ends part-way through one)
     forward: Forward | None = None  # logits of a batch (of features, with `features`); None = model(x)
     features: Forward | None = None  # computed once per phase from the unaugmented images; None = train on images
+    penalty: Penalty | None = None  # a term added to every batch's loss; None = none
+    step: BatchStep | None = None  # the per-batch step; None = SGD on the loss of forward(model, x)
+    batches_per_step: int = 1  # a `step` receives batch_size * this many samples per call
+
+    @property
+    def batchable(self) -> bool:
+        """True when clients can run this phase together (the batched path knows plain steps on images only)."""
+        return self.penalty is None and self.step is None and self.batches_per_step == 1 and self.features is None
 
 
 class LocalContext(Protocol):
@@ -111,10 +146,11 @@ def trainable_names(model: nn.Module) -> tuple[str, ...]:
 class ClientTrainer(Protocol):
     """The engine's one-client step, given to `Method.fit_held_out`."""
 
-    def __call__(self, client: int, step: int) -> ClientUpdate:
+    def __call__(self, client: int, step: int, personal_only: bool = False) -> ClientUpdate:
         """Load `client`'s broadcast and personal state, run its `local_phases` on its training
         data (batches seeded by `step`, counted from 1), keep its personal state, and
-        return the update. Nothing reaches the server unless the method uses the update."""
+        return the update. `personal_only`: the phases train only the personal parameters
+        (the shared part frozen). Nothing reaches the server unless the method uses the update."""
         ...
 
 
@@ -269,15 +305,18 @@ class Method:
         return {}
 
     # -- held-out (novel) clients ----------------------------------------------
-    def held_out_clients(self, num_clients: int, rng: np.random.Generator) -> list[int]:
-        """Clients kept out of training: never sampled, left out of the round metrics.
-
-        Called once, before `server_init`; `rng` is seeded by the run's seed.
-        """
-        return []
-
     def fit_held_out(self, clients: Sequence[int], train_client: ClientTrainer) -> None:
-        """Adapt to the held-out `clients` after the last round; they are evaluated next."""
+        """How clients held out of training (`data.novel_clients`) adapt after the last round.
+
+        Default: the way the method personalizes. Each client trains its personal
+        part on its own training split with the shared part frozen, as its
+        `local_phases` train it (one local update); with nothing personal
+        (FedAvg) nothing is trained. The engine then evaluates them, running
+        `finetune_phases` first (`ctx.final` is True). Nothing here may reach
+        the server's aggregate.
+        """
+        for client in clients:
+            train_client(client, 1, personal_only=True)
 
 
 def _restore_tensors(current: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor],

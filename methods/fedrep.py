@@ -24,12 +24,20 @@ class FedRepOptions(MethodConfig):
             raise UserError(f"bad value for method.head_epochs: {self.head_epochs} (must be >= 0)")
 
 
-def _body_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The body's output for the head: what the head phase trains on."""
+def body_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The body's output for the head: what FedRep's head phase trains on."""
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
-def _head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+def head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The head alone, on precomputed body features."""
+    return model.get_classifier()(features)
+
+
+def head_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits with the body run under no_grad: only the head enters the autograd graph."""
+    with torch.no_grad():
+        features = body_features(model, x)
     return model.get_classifier()(features)
 
 
@@ -49,7 +57,8 @@ class FedRep(Method):
         head = set(head_entries(model))
         trainable = trainable_names(model)
         phases = [
-            Phase(tuple(n for n in trainable if n in head), self.options.head_epochs, _head, features=_body_features),
+            Phase(tuple(n for n in trainable if n in head), self.options.head_epochs, head_logits,
+                  features=body_features),
             Phase(tuple(n for n in trainable if n not in head), ctx.train.local_epochs),
         ]
         return [p for p in phases if p.epochs > 0]

@@ -44,7 +44,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -74,8 +73,7 @@ class PFedHNOptions(MethodConfig):
     momentum: float = 0.9  # SGD momentum of both server optimizers
     weight_decay: float = 1e-3  # SGD weight decay of both server optimizers
     max_grad_norm: float = 50.0  # clip the server gradient's total norm; 0 = off
-    novel_clients: int = 0  # clients held out of training, fitted after it (embeddings only)
-    novel_rounds: int = 10  # embedding-fit steps for the novel clients after the last round
+    novel_rounds: int = 10  # embedding-fit steps for held-out clients (data.novel_clients) after the last round
 
     def validate(self) -> None:
         """Range checks; a UserError names the key."""
@@ -90,8 +88,7 @@ class PFedHNOptions(MethodConfig):
         require(self.embed_dim >= 0, "embed_dim", self.embed_dim, "must be >= 1, or 0 for 1 + num_clients // 4")
         for key in ("hidden_dim", "chunk_size", "novel_rounds"):
             require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        for key in ("n_hidden", "novel_clients"):
-            require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        require(self.n_hidden >= 0, "n_hidden", self.n_hidden, "must be >= 0")
         require(self.hn_lr > 0, "hn_lr", self.hn_lr, "must be > 0")
         require(self.base_lr > 0, "base_lr", self.base_lr, "must be > 0")
         require(self.init_deviation > 0, "init_deviation", self.init_deviation, "must be > 0")
@@ -300,25 +297,15 @@ class PFedHN(Method):
         super().__init__(options)
         self.hn: ChunkedHypernetwork | None = None
         self.targets: list[str] = []
-        self.novel: list[int] = []
         self._round: RoundGradient | None = None
 
     # -- which parameters are personal ----------------------------------------------
     def personal_entries(self, model: nn.Module) -> set[str]:
         return head_entries(model) if self.options.variant == "pc" else set()
 
-    # -- novel clients ---------------------------------------------------------------
-    def held_out_clients(self, num_clients: int, rng: np.random.Generator) -> list[int]:
-        k = self.options.novel_clients
-        if k >= num_clients:
-            raise UserError(
-                f"bad value for method.novel_clients: {k} (must be < data.num_clients={num_clients})"
-            )
-        self.novel = sorted(int(c) for c in rng.choice(num_clients, size=k, replace=False))
-        return self.novel
-
+    # -- held-out (novel) clients -----------------------------------------------------
     def fit_held_out(self, clients: Sequence[int], train_client: ClientTrainer) -> None:
-        """Fit only the novel clients' embeddings; the hypernetwork is never stepped.
+        """Fit only the held-out clients' embeddings; the hypernetwork is never stepped.
 
         Each step is a round restricted to the novel clients: local training on the
         generated weights (the engine's own step), then `J^T delta` with respect to
@@ -425,7 +412,7 @@ class PFedHN(Method):
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """FedAvg's state plus the hypernetwork (base included), its optimizers and the novel clients."""
+        """FedAvg's state plus the hypernetwork (base included) and its optimizers."""
         assert self.hn is not None, "server_init first"
         return {
             **super().state_dict(),
@@ -433,7 +420,6 @@ class PFedHN(Method):
             "base_optimizer": self.base_optimizer.state_dict(),
             "hn_optimizer": self.hn_optimizer.state_dict(),
             "embed_optimizer": self.embed_optimizer.state_dict(),
-            "novel": list(self.novel),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -443,7 +429,6 @@ class PFedHN(Method):
         self.base_optimizer.load_state_dict(state["base_optimizer"])
         self.hn_optimizer.load_state_dict(state["hn_optimizer"])
         self.embed_optimizer.load_state_dict(state["embed_optimizer"])
-        self.novel = [int(c) for c in state["novel"]]
 
     # -- reporting and tuning ----------------------------------------------------------
     def run_info(self) -> dict[str, int | float | str]:

@@ -167,6 +167,10 @@ CASES: list[tuple[str, list[str], str, Setup | None]] = [
     ("run-zero-clients", [*RUN, "--set", "data.num_clients=0"], "data.num_clients", None),
     ("run-heads-do-not-divide", [*RUN, "--set", "model.num_heads=3"], "model.embed_dim", None),
     ("run-partition-seed-below-minus-1", [*RUN, "--set", "data.partition_seed=-5"], "data.partition_seed", None),
+    ("run-novel-clients-negative", [*RUN, "--set", "data.novel_clients=-1"], "data.novel_clients", None),
+    ("run-novel-clients-all", [*RUN, "--set", "data.num_clients=5", "--set", "data.novel_clients=5"],
+     "data.novel_clients", None),
+    ("plan-bad-utilization", ["plan", "{tmp}/s.toml", "--utilization", "2"], "--utilization", None),
     # models
     ("run-model-wildcard", [*RUN, "--set", "model.name=vit_*"], "not a pattern", None),
     ("run-model-unknown", [*RUN, "--set", "model.name=vit_nope_nope"], "unknown model.name", None),

@@ -6,6 +6,7 @@ a method missing here runs with its defaults.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from pflbench.benchmark.client import _ClientContext
 from pflbench.benchmark.engine import Simulation
-from pflbench.methods import METHODS
+from pflbench.methods import METHODS, Method
 from pflbench.methods.aggregation import state_bytes
 
 from conftest import recorded_updates, tiny_config
@@ -80,6 +82,67 @@ def test_a_loaded_client_holds_exactly_the_broadcast_and_its_own_personal_state(
             assert torch.equal(sim._entries[name], sent[name]), (c, name)
         for name, value in sim.personal_state(c).items():
             assert torch.equal(sim._entries[name], value), (c, name)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_a_held_out_client_never_sends_an_update_nor_enters_an_aggregate(method):
+    sim = _sim(method, "data.novel_clients=1")
+    (novel,) = sim.held_out
+    rounds = recorded_updates(sim)
+    before = {}
+    fit = sim.method.fit_held_out
+
+    def fit_and_snapshot(clients, train_client):
+        before["aggregations"] = len(rounds)
+        before["global"] = {n: t.clone() for n, t in sim.method.global_state.items()}
+        before["personal"] = {c: {n: t.clone() for n, t in sim.personal_state(c).items()}
+                              for c in sim.training_clients}
+        fit(clients, train_client)
+
+    sim.method.fit_held_out = fit_and_snapshot
+    result = sim.run()
+    # Every aggregation is a training round, and none of them holds the held-out client's update.
+    assert len(rounds) == before["aggregations"] == sim.cfg.train.rounds
+    assert all(u.client != novel for r in rounds for u in r) and all(r for r in rounds)
+    # Its adaptation changed neither the server's state nor any training client's personal state.
+    assert all(torch.equal(before["global"][n], t) for n, t in sim.method.global_state.items())
+    for c, state in before["personal"].items():
+        assert all(torch.equal(sim.personal_state(c)[n], t) for n, t in state.items()), c
+    # It is reported apart: out of the round metrics, in the novel_ ones.
+    assert result.final.test_count[novel] == 0 and result.held_out.test_count[novel] > 0
+    assert math.isfinite(result.held_out_metrics["novel_test_acc_mean"])
+    # Fine-tuning before evaluation (fedavg_ft's) runs for it too, as for a final evaluation.
+    assert (result.held_out.train_samples > 0) == sim._fine_tunes(final=True)
+
+
+DEFAULT_HELD_OUT = [m for m in ALL if METHODS.get(m).fit_held_out is Method.fit_held_out]
+
+
+@pytest.mark.parametrize("method", DEFAULT_HELD_OUT)
+def test_by_default_a_held_out_client_trains_only_its_personal_part(method):
+    sim = _sim(method, "data.novel_clients=1")
+    (novel,) = sim.held_out
+    updates = []
+    train = sim.clients.train_client
+
+    def spy(client, round_index, personal_only=False):
+        update, stats = train(client, round_index, personal_only)
+        if client == novel:
+            updates.append((update, stats, personal_only))
+        return update, stats
+
+    sim.clients.train_client = spy
+    sim.run()
+    ((update, stats, personal_only),) = updates  # one local update, personal part only
+    assert personal_only
+    assert all(torch.equal(update.params[n], update.sent[n]) for n in update.sent)  # the shared part is frozen
+    adapted = [n for n in sim.personal_names if not torch.equal(sim.personal_state(novel)[n], sim._personal.initial[n])]
+    # It trained what its local phases train of its personal part; with none (FedAvg, or FedBABU's head,
+    # which only fine-tuning trains) nothing was trained here at all.
+    phases = sim.method.local_phases(sim.model, _ClientContext(sim, novel, sim.cfg.train.rounds + 1))
+    trains_personal = {n for phase in phases for n in phase.params} & set(sim.personal_names)
+    assert bool(adapted) == bool(trains_personal) == (stats.samples > 0)
+    assert set(adapted) <= trains_personal | {n for n in sim.personal_names if n not in dict(sim.model.named_parameters())}
 
 
 @pytest.mark.parametrize("method", ALL)

@@ -16,7 +16,9 @@ import pytest
 
 from pflbench.benchmark.cli import main
 from pflbench.leaderboard import stats
-from pflbench.leaderboard.build import RunRow, _si, build_board, parse_client_accuracy, write_board
+from pflbench.leaderboard.build import (
+    RunRow, _si, build_board, load_paper_table, paper_setting, parse_client_accuracy, results_csv, write_board,
+)
 
 from conftest import TINY
 
@@ -165,6 +167,61 @@ def test_output_matches_the_golden_files_and_is_deterministic(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# the paper's numbers
+
+
+def test_the_paper_table_holds_every_method_of_table_2_in_every_paper_setting():
+    table = load_paper_table()
+    assert list(table.columns) == ["paper-cifar100", "paper-organamnist", "paper-officehome"]
+    assert list(table.names) == ["fedavg", "local", "apfl", "perfedavg", "fedbn", "fedbabu", "fedper", "attention",
+                                 "fedperfix"]
+    assert table.names["fedper"] == "FedRep" and table.names["attention"] == "Vanilla Attention"
+    for preset, values in table.values.items():
+        assert list(values) == list(table.names), preset
+        assert all(0 < v.mean < 100 and 0 < v.std < 100 for v in values.values())
+    merged = sorted((p, m) for p, vs in table.values.items() for m, v in vs.items() if v.merged)
+    assert merged == [("paper-officehome", "fedbabu"), ("paper-officehome", "fedbn"),
+                      ("paper-organamnist", "fedbabu"), ("paper-organamnist", "fedbn")]
+    assert "0.1" in table.differs["paper-cifar100"] and "0.5" in table.differs["paper-cifar100"]
+
+
+def _paper_runs(params: dict[str, str]) -> list[RunRow]:
+    runs = []
+    for i, (method, accs) in enumerate((("fedperfix", (0.47, 0.49)), ("fedavg", (0.22, 0.25)), ("pfedhn", (0.2, 0.3)))):
+        for seed, acc in enumerate(accs):
+            start = 1_790_000_000_000 + 60_000 * (2 * i + seed)
+            runs.append(RunRow(f"p{i}{seed}{method}", method, "cifar100", seed, start, start + 1000,
+                               {**params, "method.name": method, "seed": str(seed)}, {"test_acc_mean": acc},
+                               [acc - 0.1, acc + 0.1]))
+    return runs
+
+
+def test_a_paper_setting_shows_the_papers_value_beside_ours_and_rows_for_its_methods_not_run():
+    params = paper_setting("paper-cifar100", "cifar100")
+    assert params["data.alpha"] == "0.5" and params["model.name"] == "vit_small_patch16_224"
+    board = build_board(_paper_runs(params), experiment="exp")
+    (section,) = [s for s in board.sections if s.dataset == "cifar100"]
+    assert section.paper_preset == "paper-cifar100" and not section.pending
+    cells = {c.method: c for c in section.cells}
+    assert [c.method for c in section.cells][:3] == ["fedperfix", "pfedhn", "fedavg"]  # ours, ranked, come first
+    assert cells["fedperfix"].paper.text == "48.10 ± 7.76" and cells["fedperfix"].n == 2
+    assert cells["pfedhn"].paper is None and cells["pfedhn"].n == 2  # not in the paper: our row, no value
+    # The paper's methods without a run of ours: a row with the paper's value, ours pending.
+    assert set(load_paper_table().names) <= set(cells)
+    assert cells["apfl"].acc_text == "not run yet: needs a GPU" and cells["apfl"].paper.mean == 44.88
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(results_csv(board))) if r["dataset"] == "cifar100"}
+    assert rows["fedperfix"]["paper_test_acc_mean"] == "0.4810" and rows["fedperfix"]["paper_client_acc_std"] == "0.0776"
+    assert rows["apfl"]["status"] == "not run yet: needs a GPU" and rows["pfedhn"]["paper_test_acc_mean"] == ""
+    # Runs recorded before a setting key existed still match; another alpha is another setting.
+    older = {k: v for k, v in params.items() if k != "data.stratify"}
+    assert build_board(_paper_runs(older), experiment="exp").sections[0].paper_preset == "paper-cifar100"
+    board = build_board(_paper_runs({**params, "data.alpha": "0.1"}), experiment="exp")
+    ours, *pending = [s for s in board.sections if s.dataset == "cifar100"]
+    assert ours.paper_preset == "" and all(c.paper is None for c in ours.cells)
+    assert [s.paper_preset for s in pending] == ["paper-cifar100"] and pending[0].pending
+
+
+# ---------------------------------------------------------------------------
 # the page in a real browser
 
 
@@ -259,3 +316,6 @@ def test_the_setting_line_names_the_image_folder_and_not_where_it_lies():
     assert "/data" not in line
     assert setting_hash(params) == setting_hash({**params, "dataset.root": "/elsewhere"})
     assert setting_hash(params) != setting_hash({**params, "dataset.folder": "cifar100-jpeg"})
+    # A run recorded before data.novel_clients existed is the same problem as one that holds none out.
+    assert setting_hash(params) == setting_hash({**params, "data.novel_clients": "0"})
+    assert setting_hash(params) != setting_hash({**params, "data.novel_clients": "2"})

@@ -13,14 +13,12 @@ round's fine-tuning (fedavg_ft) is shown apart, as it happens once a run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 
 from ...methods import METHODS
-from ..client import _frozen_except
-from ..flops import step_flops
+from ..flops import client_update_flops, step_flops
 from ..models import build_model
 from ..resolve import RunSpec
 
@@ -47,32 +45,13 @@ def _cost(method: str, spec: RunSpec, dataset: str, classes: int, channels: int,
     model = m.adapt_model(build_model(cfg.model, image_size=size, in_chans=channels, num_classes=classes))
     personal = m.personal_entries(model)
     entries = model.state_dict(keep_vars=True)
-    x = torch.zeros(1, channels, size, size)
-    model.train()
-
-    def per_update(phases) -> float:
-        total = 0.0
-        for phase in phases:
-            with _frozen_except(model, phase.params):
-                inputs = x
-                if phase.features is not None:
-                    total += client_samples * step_flops(model, phase.features, x, backward=False)
-                    with torch.no_grad():
-                        inputs = phase.features(model, x)
-                total += phase.epochs * client_samples * step_flops(model, phase.forward, inputs)
-        return total
-
-    data = SimpleNamespace(num_samples=lambda client, split="train": int(round(client_samples)))
-    ctx = SimpleNamespace(client=0, round_index=1, final=False, train=cfg.train, data=data,
-                          device=torch.device("cpu"))
-    train = per_update(m.local_phases(model, ctx))
-    final_ctx = SimpleNamespace(**{**vars(ctx), "final": True})
-    finetune = per_update(m.finetune_phases(model, final_ctx)) * cfg.data.num_clients
+    train, finetune = client_update_flops(m, model, cfg.train, channels, size, client_samples)
     sampled = max(1, int(round(cfg.train.sample_fraction * cfg.data.num_clients))) if clients <= 0 else clients
     model.eval()
+    x = torch.zeros(1, channels, size, size)
     return MethodCost(method, sum(p.numel() for p in model.parameters()),
                       sum(entries[n].numel() for n in personal), step_flops(model, None, x, backward=False),
-                      train, sampled * train, finetune)
+                      train, sampled * train, finetune * cfg.data.num_clients)
 
 
 def measure(methods: Sequence[str], spec: RunSpec, dataset: str, *, classes: int, channels: int,
