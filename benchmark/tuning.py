@@ -306,8 +306,8 @@ class TuneResult:
     run_command: str = ""
     ran_here: int = 0  # trials started by this command
     per_worker: dict[str, int] = field(default_factory=dict)
-    errors: list[TrialRow] = field(default_factory=list)  # trials of this command that raised (exit status 1)
     default: TrialRow | None = None  # trial 0 (the defaults), when it completed: how far tuning moved
+    errors: list[TrialRow] = field(default_factory=list)  # trials of this command that raised (exit status 1)
 
     @property
     def gain(self) -> float | None:
@@ -493,7 +493,7 @@ def run_tune(req: TuneRequest, on_update: Callable[[list[TrialRow]], None] | Non
     command = (f"bench run --method {req.method} --dataset {req.dataset} --config {path.name}" if path else "")
     errors = [r for r in rows if r.number not in before and r.error]
     return TuneResult(st.name, st.storage_url, rows, best, best_config, path, parent.run_id or "", command,
-                      sum(1 for r in rows if r.number not in before), dict(sorted(per_worker.items())), errors, default)
+                      sum(1 for r in rows if r.number not in before), dict(sorted(per_worker.items())), default, errors)
 
 
 def worker_environments(k: int) -> list[dict[str, str]]:
