@@ -38,6 +38,7 @@ PAPER_SETTINGS = (
     ("organamnist", "paper-organamnist", "OrganAMNIST, 64 clients (8 a round), Dirichlet 0.5, ViT-S/16 at 224 px"),
     ("officehome", "paper-officehome", "Office-Home, 4 domains x 4 clients, Dirichlet 1.0, ViT-S/16 at 224 px"),
 )
+VISITS_SHOWN = ("pfedhn",)  # methods whose rows say how often each client trained (pFedHN needs ~100 visits)
 COLUMNS = ("dataset", "setting_hash", "setting", "method", "status", "n", "seeds", "test_acc_mean", "ci_low",
            "ci_high", "test_acc_weighted", "client_acc_std", "worst10_acc", "novel_test_acc_mean",
            "bytes_up_per_round", "train_samples_per_round", "train_seconds", "diff_vs_best", "diff_low", "diff_high", "vs_best", "run_ids")
@@ -80,6 +81,7 @@ class Cell:
     bytes_up: float = math.nan
     train_samples: float = math.nan  # per round
     seconds: float = math.nan
+    visits: float = math.nan  # mean over seeds of `visits_per_client_mean`
     diff: stats.Interval | None = None  # paired difference to the best method (None for the best)
     verdict: str = ""  # best | not distinguishable | worse | better | too few seeds | pending
     note: str = ""
@@ -207,6 +209,7 @@ def _cell(method: str, runs: Sequence[RunRow]) -> Cell:
     cell.bytes_up = mean([r.metrics.get("bytes_up", math.nan) for r in kept])
     cell.train_samples = mean([r.train_samples_per_round for r in kept])
     cell.seconds = mean([r.seconds for r in kept])
+    cell.visits = mean([r.metrics.get("visits_per_client_mean", math.nan) for r in kept])
     if dropped:
         by_seed: dict[int, int] = {}
         for r in dropped:
@@ -344,7 +347,9 @@ TABLE_HEAD = ("method", "n", "test_acc_mean ± 95% CI", "vs best (paired 95% CI)
 def _table_cells(c: Cell) -> list[str]:
     if c.verdict == "pending":
         return [c.method, "0", c.pending_text, "", "", "", "", "", "", "", ""]
-    return [c.method, str(c.n), c.acc_text, c.vs_best_text, _num(c.weighted, 4), _num(c.std, 4), c.worst_text,
+    shown = c.method in VISITS_SHOWN and not math.isnan(c.visits)
+    name = f"{c.method} ({c.visits:.0f} visits/client)" if shown else c.method
+    return [name, str(c.n), c.acc_text, c.vs_best_text, _num(c.weighted, 4), _num(c.std, 4), c.worst_text,
             _num(c.novel, 4), c.bytes_text, _count(c.train_samples), _num(c.seconds, 1)]
 
 
