@@ -404,8 +404,9 @@ class PFedHN(Method):
     def add_update(self, update: ClientUpdate) -> None:
         """One server step on this client's update as it arrives (the paper), or its share of the round's.
 
-        The engine trains clients one after another, so each client was sent the
-        weights that the hypernetwork, as stepped so far, generates.
+        On the CPU the engine trains clients one after another, so each client was
+        sent what the hypernetwork, as stepped so far, generates (as in the paper);
+        clients trained together were all sent what it generated before their steps.
         """
         super().add_update(update)
         assert self.hn is not None, "server_init first"
