@@ -440,7 +440,8 @@ def cmd_perf_pfedhn_step(args: argparse.Namespace) -> int:
     spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device="cpu")
     for r in measure(spec, args.dataset, args.classes, scale=args.scale,
                      say=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True))):
-        print(f"{args.preset or args.dataset} {r.mode}: {r.clients} clients a round, {r.chunks} chunks,"
+        outputs = f"{r.chunks} chunks" if r.chunks else "one output layer per tensor"
+        print(f"{args.preset or args.dataset} {r.mode}: {r.clients} clients a round, {outputs},"
               f" {r.generated:,} generated values, hypernetwork {r.hn_parameters:,} parameters")
         print(f"  whole move vs the client's change: cosine {r.cosine:.3f}, size {r.size_ratio:.3f}x")
         print(f"  hypernetwork's part vs the client's residual: cosine {r.deviation_cosine:.3f},"
@@ -565,7 +566,7 @@ def _add_perf(sub) -> None:
     h.add_argument("--classes", type=_positive_int, default=10, help="classifier outputs (default 10)")
     h.add_argument("--scale", type=_positive_float, default=1e-3, help="std of the clients' random changes (1e-3)")
     h.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting (after the plain step's hn_lr=1, no momentum/decay/clipping)")
+                   help="override one setting (after the plain step's no momentum/decay/clipping)")
     h.add_argument("--quiet", action="store_true", help="print only the results")
     h.set_defaults(func=cmd_perf_pfedhn_step)
 

@@ -13,6 +13,11 @@ the last round the method adapts to them (`Method.fit_held_out`, through the
 same one-client step the rounds use) and their accuracy is reported with the
 `novel_` prefix (`novel_test_acc_mean`, ...).
 
+The engine counts how many times each training client has trained so far
+(`visits`); every round reports their mean and minimum over the training
+clients (`visits_per_client_mean`, `visits_per_client_min`), so a run's last
+round records the whole run's.
+
 Each round records its compute: `train_samples` (through a backward pass,
 fine-tuning before evaluation included) and `forward_samples` (only forwarded:
 evaluation). Where the server holds one complete model, that model is also
@@ -263,6 +268,7 @@ class Simulation:
         self.round_index = 0
         self.history: list[dict[str, float]] = []
         self.last_eval: EvalResult | None = None
+        self.visits = np.zeros(self.data.num_clients, dtype=np.int64)  # local trainings per client (a run's record)
 
     # -- set-up helpers ----------------------------------------------------------
     def _make_partition(self) -> Partition:
@@ -390,6 +396,7 @@ class Simulation:
         self.method.start_aggregation()
         for done, (update, stats) in enumerate(self._train_round(trained, r), len(failed) + 1):
             received += 1
+            self.visits[update.client] += 1
             bytes_down += state_bytes(update.sent)
             bytes_up += state_bytes(update.params)
             loss_sum += stats.loss_sum  # already checked finite
@@ -410,6 +417,8 @@ class Simulation:
             "bytes_up": float(bytes_up),
             "bytes_down": float(bytes_down),
             "clients": float(len(selected)),
+            "visits_per_client_mean": float(self.visits[self.training_clients].mean()),
+            "visits_per_client_min": float(self.visits[self.training_clients].min()),
         }
         if self.cfg.train.client_failure_rate > 0:
             metrics["failed_clients"] = float(len(failed))
@@ -579,6 +588,7 @@ class Simulation:
             "personal": {int(c): {n: t.detach().cpu().clone() for n, t in self._personal.get(c).items()}
                          for c in self._personal},
             "method": self.method.state_dict(),
+            "visits": torch.from_numpy(self.visits.copy()),
             "last_eval": None if last is None else {
                 f.name: torch.from_numpy(v.copy()) if isinstance(v := getattr(last, f.name), np.ndarray) else v
                 for f in dataclasses.fields(last) if f.name != "pending"},
@@ -598,6 +608,8 @@ class Simulation:
         for client, personal in state["personal"].items():
             self._personal.put(int(client), personal)
         self.method.load_state_dict(state["method"])
+        if "visits" in state:  # absent from checkpoints written before visits were counted
+            self.visits = state["visits"].numpy().astype(np.int64)
         last = state["last_eval"]
         self.last_eval = None if last is None else EvalResult(
             **{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in last.items()})

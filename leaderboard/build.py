@@ -47,6 +47,7 @@ PAPER_SETTINGS = (
     ("organamnist", "paper-organamnist", "OrganAMNIST, 64 clients (8 a round), Dirichlet 0.5, ViT-S/16 at 224 px"),
     ("officehome", "paper-officehome", "Office-Home, 4 domains x 4 clients, Dirichlet 1.0, ViT-S/16 at 224 px"),
 )
+VISITS_SHOWN = ("pfedhn",)  # methods whose rows say how often each client trained (pFedHN needs ~100 visits)
 COLUMNS = ("dataset", "setting_hash", "setting", "method", "status", "n", "seeds", "test_acc_mean", "ci_low",
            "ci_high", "test_acc_weighted", "client_acc_std", "worst10_acc", "novel_test_acc_mean",
            "parameters", "personal_parameters", "bytes_up_per_round", "train_flops_per_round", "train_samples_per_round",
@@ -146,6 +147,7 @@ class Cell:
     parameters: float = math.nan  # total, as the runs recorded
     personal_parameters: float = math.nan
     seconds: float = math.nan
+    visits: float = math.nan  # mean over seeds of `visits_per_client_mean`
     diff: stats.Interval | None = None  # paired difference to the best method (None for the best)
     verdict: str = ""  # best | not distinguishable | worse | better | too few seeds | pending
     note: str = ""
@@ -295,6 +297,7 @@ def _cell(method: str, runs: Sequence[RunRow]) -> Cell:
     cell.parameters = mean([r.parameters for r in kept])
     cell.personal_parameters = mean([r.personal_parameters for r in kept])
     cell.seconds = mean([r.seconds for r in kept])
+    cell.visits = mean([r.metrics.get("visits_per_client_mean", math.nan) for r in kept])
     if dropped:
         by_seed: dict[int, int] = {}
         for r in dropped:
@@ -483,7 +486,9 @@ TABLE_HEAD = ("method", "n", "test_acc_mean ± 95% CI", "vs best (paired 95% CI)
 def _table_cells(c: Cell) -> list[str]:
     if c.verdict == "pending":
         return [c.method, "0", c.pending_text] + [""] * (len(TABLE_HEAD) - 3)
-    return [c.method, str(c.n), c.acc_text, c.vs_best_text, _num(c.weighted, 4), _num(c.std, 4), c.worst_text,
+    shown = c.method in VISITS_SHOWN and not math.isnan(c.visits)
+    name = f"{c.method} ({c.visits:.0f} visits/client)" if shown else c.method
+    return [name, str(c.n), c.acc_text, c.vs_best_text, _num(c.weighted, 4), _num(c.std, 4), c.worst_text,
             _num(c.novel, 4), c.params_text, c.bytes_text, _si(c.flops), _num(c.seconds, 1)]
 
 

@@ -1,40 +1,35 @@
-"""pFedHN (Shamsian et al., ICML 2021) for Vision Transformers, with a chunked hypernetwork.
+"""pFedHN (Shamsian et al., ICML 2021) for Vision Transformers: a hypernetwork generates each client's personal part.
 
 The server keeps a learned embedding per client and a hypernetwork that turns
-an embedding into the client's copy of the *target* tensors: every block's
-attention qkv and proj weights by default, plus the classifier head (the paper
-generates every layer, the classifier included). Generating each tensor with
-its own linear output layer, as the paper does for small CNNs, would need
-`hidden_dim x numel` weights per tensor (billions for ViT-S), so the
-generator here emits fixed-size chunks instead:
+it into the client's copy of the *generated* tensors. Generating a whole ViT
+with the paper's one linear output per tensor is infeasible (about 2.2 billion
+hypernetwork weights for ViT-S), so by default the hypernetwork generates a
+personal part a ViT can afford in full: every normalization layer's affine
+parameters (the small per-block part, chosen by module type) and, in variant
+`hn`, the classifier head; about 58k values at ViT-S/16 with 100 classes.
+Everything else is FedAvg. The generator is the paper's own:
 
-    h         = MLP(e_client)                     the paper's MLP body
-    chunk_j   = W (h * c_j)                       one linear generator for all chunks
-    targets   = base + concat(chunk_1 .. chunk_J)[:N], cut and reshaped into the target tensors
+    h       = MLP(e_client)                       the paper's MLP body
+    tensor  = Linear_tensor(h).view(shape)        one Linear(hidden_dim, numel) per generated tensor
 
-`c_j` is a learned embedding of chunk j (width `hidden_dim`) that gates the
-client features, so each chunk reads its own linear view of the client.
-Stacked over chunks the chunked output is `C diag(h) W^T`: its rank is at
-most `hidden_dim` per generated matrix, far below a ViT-S attention
-matrix's. So a full-size learned `base`, shared by every client, carries the
-common solution (it starts at the model's own initial weights), and the
-hypernetwork only the client's deviation from it, which starts small
-(`init_deviation`). The hypernetwork grows with the target by one chunk
-embedding per chunk; the base is one value per generated value, like the
-model it stands for.
+The output layers' biases are the shared base (they start at the model's own
+initial weights) and their weights start at zero, so every client starts
+exactly at the model (no random deviation). After local training on the
+generated weights a client returns them; the server pushes
+`delta = sent - after` back through the generator (a vector-Jacobian product)
+and takes one SGD step per client update, as each arrives, with the paper's
+optimizer (lr 1e-2, momentum 0.9, weight decay 1e-3, gradient norm clipped to
+50, embedding lr = lr) on the whole hypernetwork: base, body, output weights
+and client embeddings. The paper trains for about 100 visits per client;
+`step=round` takes one step per round on the clients' mean gradient instead,
+for comparison.
 
-Variant `pc` (pFedHN-PC) keeps the classifier head on the client instead.
-Untargeted shared entries are averaged exactly as in FedAvg. After local
-training on the generated weights each client returns them; the server pushes
-`delta = sent - after` back through the generator (a vector-Jacobian product;
-for the base it is the delta itself, so `base_lr = 1` is FedAvg's step there),
-clips the hypernetwork's gradient norm and steps SGD on the base, the
-hypernetwork and the client embeddings. The hypernetwork's learning rates are
-divided by the largest eigenvalue of `J J^T` (J: the Jacobian of a client's
-deviation with respect to the hypernetwork and its embedding, at the start,
-by power iteration), so with `hn_lr = 1` its step moves a client's generated
-weights by at most the client's delta along any direction, at every chunk
-count: without it a ViT-S-sized step overshoots the delta many times over.
+A large `method.target` (e.g. every attention weight) needs `chunk_size`: one
+generator emits fixed-size chunks gated by learned chunk embeddings, on top
+of a full-size base, so the hypernetwork does not grow with the target. That
+is outside the paper's regime (its learnable deviation is rank-limited and
+learns little in a benchmark's budget). Variant `pc` (pFedHN-PC) keeps the
+classifier head on the client.
 """
 
 from __future__ import annotations
@@ -50,29 +45,30 @@ from torch import nn
 from ..benchmark.config import MethodConfig
 from ..benchmark.errors import UserError
 from .base import ClientTrainer, ClientUpdate, Method, SearchTrial, register
-from .structure import head_entries
+from .structure import head_entries, norm_entries
 
-DEFAULT_TARGET = ("blocks.*.attn.qkv.weight", "blocks.*.attn.proj.weight")
 VARIANTS = ("hn", "pc")
+STEPS = ("client", "round")
+MAX_OUTPUT_WEIGHTS = 50_000_000  # per-tensor outputs beyond this (200 MB in float32) need chunk_size
 
 
 @dataclass
 class PFedHNOptions(MethodConfig):
     """Options of pFedHN (`method.*`)."""
 
-    target: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET))  # glob patterns of generated entries
+    norms: bool = True  # generate every normalization layer's affine parameters (the per-block personal part)
+    target: list[str] = field(default_factory=list)  # glob patterns of further generated entries (large: chunk_size)
     variant: str = "hn"  # hn: the classifier head is generated too (the paper); pc: the head stays on the client
     embed_dim: int = 0  # client embedding size; 0 = 1 + num_clients // 4 (the paper's rule)
-    hidden_dim: int = 100  # width of the MLP body and of the chunk embeddings
+    hidden_dim: int = 100  # width of the MLP body (and of the chunk embeddings)
     n_hidden: int = 3  # hidden->hidden layers of the MLP body after its input layer
-    chunk_size: int = 2048  # values the generator emits per chunk
-    hn_lr: float = 0.1  # SGD learning rate of the hypernetwork, in units of its largest step (see the module doc)
-    base_lr: float = 1.0  # SGD learning rate of the shared base (1: FedAvg's step; no momentum, no decay)
-    init_deviation: float = 0.1  # RMS of the clients' initial deviation from the base, relative to the targets' RMS
-    embed_lr: float = 0.0  # SGD learning rate of the client embeddings; 0 = hn_lr
-    momentum: float = 0.9  # SGD momentum of both server optimizers
-    weight_decay: float = 1e-3  # SGD weight decay of both server optimizers
-    max_grad_norm: float = 50.0  # clip the server gradient's total norm; 0 = off
+    chunk_size: int = 0  # 0: one Linear(hidden_dim, numel) per tensor (the paper); > 0: one generator of chunks
+    step: str = "client"  # client: one server step per client update (the paper); round: one on the round's mean
+    hn_lr: float = 1e-2  # SGD learning rate of the hypernetwork and its base (the paper's)
+    embed_lr: float = 0.0  # SGD learning rate of the client embeddings; 0 = hn_lr (the paper; its pc runs: 5e-2)
+    momentum: float = 0.9  # SGD momentum of the server optimizer
+    weight_decay: float = 1e-3  # SGD weight decay of the server optimizer
+    max_grad_norm: float = 50.0  # clip each server step's gradient norm; 0 = off
     novel_rounds: int = 10  # embedding-fit steps for held-out clients (data.novel_clients) after the last round
 
     def validate(self) -> None:
@@ -82,24 +78,31 @@ class PFedHNOptions(MethodConfig):
             if not ok:
                 raise UserError(f"bad value for method.{key}: {value!r} ({allowed})")
 
-        require(bool(self.target) and all(p.strip() for p in self.target), "target", self.target,
-                "one or more glob patterns over parameter names, e.g. blocks.*.attn.qkv.weight")
+        require(all(p.strip() for p in self.target), "target", self.target,
+                "glob patterns over parameter names, e.g. blocks.*.attn.qkv.weight")
         require(self.variant in VARIANTS, "variant", self.variant, f"choose one of: {', '.join(VARIANTS)}")
+        require(self.step in STEPS, "step", self.step, f"choose one of: {', '.join(STEPS)}")
         require(self.embed_dim >= 0, "embed_dim", self.embed_dim, "must be >= 1, or 0 for 1 + num_clients // 4")
-        for key in ("hidden_dim", "chunk_size", "novel_rounds"):
+        for key in ("hidden_dim", "novel_rounds"):
             require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         require(self.n_hidden >= 0, "n_hidden", self.n_hidden, "must be >= 0")
+        require(self.chunk_size >= 0, "chunk_size", self.chunk_size, "must be >= 1, or 0 for one output per tensor")
         require(self.hn_lr > 0, "hn_lr", self.hn_lr, "must be > 0")
-        require(self.base_lr > 0, "base_lr", self.base_lr, "must be > 0")
-        require(self.init_deviation > 0, "init_deviation", self.init_deviation, "must be > 0")
         require(self.embed_lr >= 0, "embed_lr", self.embed_lr, "must be > 0, or 0 for hn_lr")
         require(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0 (0 = off)")
 
 
-class ChunkedHypernetwork(nn.Module):
-    """A shared full-size base + (client embedding -> MLP -> one linear generator gated by chunk embeddings)."""
+class Hypernetwork(nn.Module):
+    """Client embedding -> MLP -> the generated tensors: the paper's per-tensor outputs, or chunks of a large target.
+
+    `chunk_size = 0`: one `Linear(hidden_dim, numel)` per generated tensor; its
+    bias is the tensor's shared base. `chunk_size > 0`: a full-size flat base
+    plus one bias-free `Linear(hidden_dim, chunk_size)` applied to `h * c_j`,
+    `c_j` a learned embedding of chunk j. Either way the output weights start
+    at zero, so every client starts at the base.
+    """
 
     def __init__(
         self,
@@ -109,69 +112,72 @@ class ChunkedHypernetwork(nn.Module):
         embed_dim: int,
         hidden_dim: int,
         n_hidden: int,
-        chunk_size: int,
+        chunk_size: int = 0,
     ):
         super().__init__()
         self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
         self.sizes = [s.numel() for s in self.shapes.values()]
         self.num_generated = sum(self.sizes)
-        self.num_chunks = math.ceil(self.num_generated / chunk_size)
+        self.chunk_size = chunk_size
         self.embeddings = nn.Embedding(num_clients, embed_dim)  # N(0, 1), as in the paper
         layers: list[nn.Module] = [nn.Linear(embed_dim, hidden_dim)]
         for _ in range(n_hidden):
             layers += [nn.ReLU(), nn.Linear(hidden_dim, hidden_dim)]
         self.body = nn.Sequential(*layers)
-        self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, hidden_dim))
-        # No bias: it would add one pattern to every chunk, which the base already covers, and its
-        # step would move all chunks at once (a Jacobian eigenvalue of num_chunks).
-        self.generator = nn.Linear(hidden_dim, chunk_size, bias=False)
-        self.base = nn.Parameter(torch.zeros(self.num_generated))  # the shared part, all targets flattened
-
-    def deviation(self, embedding: torch.Tensor) -> torch.Tensor:
-        """The client's flat deviation from the base, from its embedding (shape `(embed_dim,)`)."""
-        h = self.body(embedding)
-        chunks = self.generator(self.chunk_embeddings * h)  # (num_chunks, chunk_size)
-        return chunks.reshape(-1)[: self.num_generated]
+        if chunk_size:
+            self.num_chunks = math.ceil(self.num_generated / chunk_size)
+            self.chunk_embeddings = nn.Parameter(torch.randn(self.num_chunks, hidden_dim))
+            self.generator = nn.Linear(hidden_dim, chunk_size, bias=False)  # the base is the common pattern
+            self.base = nn.Parameter(torch.zeros(self.num_generated))
+            with torch.no_grad():  # E ||h * c_j||^2 = 1 over clients and chunks, whatever the widths
+                h = self.body(self.embeddings.weight)
+                features = float((h.square().mean(0) * self.chunk_embeddings.square().mean(0)).sum())
+                if features > 0:
+                    self.chunk_embeddings.mul_(1 / math.sqrt(features))
+            outputs = [self.generator]
+        else:
+            self.num_chunks = 0
+            self.outputs = nn.ModuleList(nn.Linear(hidden_dim, n) for n in self.sizes)
+            outputs = list(self.outputs)
+        with torch.no_grad():
+            for layer in outputs:
+                layer.weight.zero_()  # no initial deviation: every client starts at the base
 
     def generate(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The target tensors generated from one client embedding: base + deviation."""
-        flat = self.base + self.deviation(embedding)
-        return {name: piece.view(shape) for (name, shape), piece in zip(self.shapes.items(), flat.split(self.sizes))}
+        """The generated tensors from one client embedding (shape `(embed_dim,)`)."""
+        h = self.body(embedding)
+        if self.chunk_size:
+            chunks = self.generator(self.chunk_embeddings * h)  # (num_chunks, chunk_size)
+            pieces = (self.base + chunks.reshape(-1)[: self.num_generated]).split(self.sizes)
+        else:
+            pieces = [layer(h) for layer in self.outputs]
+        return {name: piece.view(shape) for (name, shape), piece in zip(self.shapes.items(), pieces)}
 
     def forward(self, client: int) -> dict[str, torch.Tensor]:
         return self.generate(self.embeddings.weight[client])
 
-    def hypernetwork_parameters(self) -> list[nn.Parameter]:
-        """The generator of the deviation, shared by all clients: neither the base nor the embeddings."""
-        return [p for name, p in self.named_parameters() if name != "base" and not name.startswith("embeddings.")]
+    def base_parameters(self) -> list[nn.Parameter]:
+        """The shared base, in the order of the generated tensors: the output biases (or the flat base)."""
+        return [self.base] if self.chunk_size else [layer.bias for layer in self.outputs]
+
+    def base_flat(self) -> torch.Tensor:
+        """The base as one flat vector, every generated tensor in order."""
+        return torch.cat([p.detach().reshape(-1) for p in self.base_parameters()])
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """What maps an embedding to a deviation from the base: neither the base nor the embeddings."""
+        excluded = {id(p) for p in self.base_parameters()} | {id(self.embeddings.weight)}
+        return [p for p in self.parameters() if id(p) not in excluded]
 
     @torch.no_grad()
     def set_base(self, targets: Mapping[str, torch.Tensor]) -> None:
-        """Start the base at the given target tensors (the model's initial weights)."""
-        self.base.copy_(torch.cat([targets[name].reshape(-1).to(self.base.dtype) for name in self.shapes]))
+        """Start the base at the given tensors (the model's initial weights)."""
+        flat = torch.cat([targets[name].reshape(-1) for name in self.shapes])
+        for p, piece in zip(self.base_parameters(), flat.split([p.numel() for p in self.base_parameters()])):
+            p.copy_(piece.view(p.shape).to(p.dtype))
 
-    def num_hypernetwork_parameters(self) -> int:
-        return sum(p.numel() for p in self.hypernetwork_parameters())
-
-    @torch.no_grad()
-    def init_scale(self, rms: float) -> None:
-        """Set the scale of the generator's input and output at the start.
-
-        Input: the chunk embeddings are scaled so `||h * c_j||^2` is 1 on average
-        over clients and chunks, whatever the widths.
-        Output: the generator is scaled so the deviations' RMS over all clients
-        is `rms`.
-        """
-        h = self.body(self.embeddings.weight)  # (num_clients, hidden_dim)
-        features = float((h.square().mean(0) * self.chunk_embeddings.square().mean(0)).sum())
-        if features > 0:
-            self.chunk_embeddings.mul_(1 / math.sqrt(features))
-        if rms <= 0:
-            return
-        square_sum = sum(float(self.deviation(row).square().sum()) for row in self.embeddings.weight)
-        current = math.sqrt(square_sum / (self.num_generated * self.embeddings.num_embeddings))
-        if current > 0:
-            self.generator.weight.mul_(rms / current)
+    def num_generator_parameters(self) -> int:
+        return sum(p.numel() for p in self.generator_parameters())
 
 
 # -- the server math --------------------------------------------------------------
@@ -193,49 +199,25 @@ def vector_jacobian(
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
-def top_step_eigenvalue(
-    hn: ChunkedHypernetwork, inputs: Sequence[torch.Tensor], client: int = 0, iterations: int = 20
-) -> float:
-    """The largest eigenvalue of `J J^T`, J the Jacobian of client `client`'s deviation
-    with respect to `inputs` (parameters of `hn`), by power iteration.
-
-    An SGD step of size `lr` along `J^T delta` moves the deviation by
-    `lr J J^T delta`; dividing `lr` by this eigenvalue bounds that move by
-    `||delta||` along every direction.
-    """
-    inputs = list(inputs)
+def client_gradient(hn: Hypernetwork, client: int, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One client's `J^T delta` by parameter name of `hn` (the paper's gradient for the client it visits)."""
+    names, params = zip(*hn.named_parameters())
     with torch.enable_grad():
-        out = hn.deviation(hn.embeddings.weight[client])
-        probe = torch.zeros_like(out, requires_grad=True)
-        # J^T probe, kept differentiable in `probe`: its gradient gives J v (a Jacobian-vector product).
-        transposed = torch.autograd.grad(out, inputs, grad_outputs=probe, create_graph=True)
-        u = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
-        u = u / u.norm()
-        value = 0.0
-        for _ in range(iterations):
-            v = torch.autograd.grad(out, inputs, grad_outputs=u, retain_graph=True)  # J^T u
-            (w,) = torch.autograd.grad(transposed, probe, grad_outputs=list(v), retain_graph=True)  # J J^T u
-            value = float(w.norm())
-            if value == 0:
-                return 0.0
-            u = w / value
-    return value
+        grads = vector_jacobian(hn(client), delta, params)
+    return dict(zip(names, grads))
 
 
 class RoundGradient:
-    """The server's gradient for one round, summed client by client as updates arrive.
+    """The round-averaged server gradient (`step = "round"`), summed client by client as updates arrive.
 
-    Shared parameters (the base and the hypernetwork): the weighted mean over
-    the round's clients of `J_i^T delta_i` (for the base, `delta_i` itself),
-    i.e. one step on the round's clients as a minibatch (each weighted by its
-    samples, as FedAvg weights the rest of the model). Client embeddings: each
-    client's row gets its own, undivided `J_i^T delta_i`, the step the paper
-    takes for the client it visits. Every vector-Jacobian product is taken at
-    the parameters that generated the tensors the clients were sent (nothing
-    steps until `result`).
+    Shared parameters (base, body, outputs): the sample-weighted mean over the
+    round's clients of `J_i^T delta_i`; client embeddings: each client's row
+    gets its own, undivided `J_i^T delta_i`. Every product is taken at the
+    parameters that generated what the clients were sent (nothing steps until
+    `result`).
     """
 
-    def __init__(self, hn: ChunkedHypernetwork):
+    def __init__(self, hn: Hypernetwork):
         self.hn = hn
         self.table = hn.embeddings.weight
         self.shared = [p for p in hn.parameters() if p is not self.table]
@@ -261,7 +243,7 @@ class RoundGradient:
 
 
 def round_gradients(
-    hn: ChunkedHypernetwork,
+    hn: Hypernetwork,
     clients: Sequence[int],
     deltas: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
@@ -288,14 +270,14 @@ def clip_and_step(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor],
 
 @register("pfedhn")
 class PFedHN(Method):
-    """pFedHN (Shamsian et al., 2021): a server hypernetwork generates each client's attention weights and head."""
+    """pFedHN (Shamsian et al., 2021): a server hypernetwork generates each client's head and norms."""
 
     Options = PFedHNOptions
     options: PFedHNOptions
 
     def __init__(self, options: PFedHNOptions | None = None):
         super().__init__(options)
-        self.hn: ChunkedHypernetwork | None = None
+        self.hn: Hypernetwork | None = None
         self.targets: list[str] = []
         self._round: RoundGradient | None = None
 
@@ -336,34 +318,42 @@ class PFedHN(Method):
         super().server_init(model, {n: t for n, t in shared.items() if n not in set(self.targets)}, num_clients)
         initial = {n: shared[n].detach().float() for n in self.targets}
         size = sum(t.numel() for t in initial.values())
-        rms = math.sqrt(sum(float(t.square().sum()) for t in initial.values()) / size)
-        self.hn = ChunkedHypernetwork(
+        if not opts.chunk_size and size * opts.hidden_dim > MAX_OUTPUT_WEIGHTS:
+            raise UserError(
+                f"bad value for method.target: {size:,} generated values need {size * opts.hidden_dim:,} output"
+                f" weights at hidden_dim={opts.hidden_dim} (at most {MAX_OUTPUT_WEIGHTS:,}); set method.chunk_size"
+                " (e.g. 2048) to generate it in chunks")
+        self.hn = Hypernetwork(
             num_clients, {n: shared[n].shape for n in self.targets},
             embed_dim=opts.embed_dim or 1 + num_clients // 4, hidden_dim=opts.hidden_dim,
             n_hidden=opts.n_hidden, chunk_size=opts.chunk_size,
         ).to(next(iter(initial.values())).device)
-        self.hn.init_scale(opts.init_deviation * rms)
         self.hn.set_base(initial)
-        hn = self.hn
-        self.step_eigenvalue = top_step_eigenvalue(hn, [*hn.hypernetwork_parameters(), hn.embeddings.weight])
-        scale = 1 / self.step_eigenvalue if self.step_eigenvalue > 0 else 1.0
+        table = self.hn.embeddings.weight
+        # The paper's optimizer: one SGD over the hypernetwork (its output biases, the base, included),
+        # the embeddings at their own learning rate.
         common = {"momentum": opts.momentum, "weight_decay": opts.weight_decay}
-        self.base_optimizer = torch.optim.SGD([hn.base], lr=opts.base_lr)
-        self.hn_optimizer = torch.optim.SGD(hn.hypernetwork_parameters(), lr=opts.hn_lr * scale, **common)
-        self.embed_optimizer = torch.optim.SGD(
-            [hn.embeddings.weight], lr=(opts.embed_lr or opts.hn_lr) * scale, **common
-        )
+        self.hn_optimizer = torch.optim.SGD([p for p in self.hn.parameters() if p is not table], lr=opts.hn_lr,
+                                            **common)
+        self.embed_optimizer = torch.optim.SGD([table], lr=opts.embed_lr or opts.hn_lr, **common)
 
     def _select_targets(self, model: nn.Module, shared: Mapping[str, torch.Tensor]) -> list[str]:
+        opts = self.options
         names = list(model.state_dict(keep_vars=True))
+        params = dict(model.named_parameters())
         # Variant hn generates the classifier too, as the paper generates every layer.
-        chosen: set[str] = head_entries(model) if self.options.variant == "hn" else set()
-        for pattern in self.options.target:
+        chosen: set[str] = head_entries(model) if opts.variant == "hn" else set()
+        if opts.norms:
+            chosen |= {n for n in norm_entries(model) if n in params}  # affine parameters, not running statistics
+        for pattern in opts.target:
             matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
             if not matched:
                 examples = ", ".join(n for n in names if n.endswith(".weight"))[:200]
                 raise UserError(f"bad value for method.target: {pattern!r} matches no model entry (e.g. {examples})")
             chosen.update(matched)
+        if not chosen:
+            raise UserError("bad value for method.norms: false, with variant pc and no method.target nothing is"
+                            " generated; keep method.norms=true or give method.target")
         personal = sorted(n for n in chosen if n not in shared)
         if personal:
             raise UserError(f"bad value for method.target: it matches personal entries ({', '.join(personal)}),"
@@ -385,30 +375,39 @@ class PFedHN(Method):
     def _delta(self, update: ClientUpdate) -> dict[str, torch.Tensor]:
         return {n: (update.sent[n] - update.params[n]).float() for n in self.targets}
 
-    def start_aggregation(self) -> None:
-        """FedAvg's running mean for the untargeted entries; the hypernetwork's gradient summed as clients arrive."""
-        super().start_aggregation()
+    def _step(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """One step of the paper's optimizer on the whole hypernetwork, its gradient norm clipped."""
         assert self.hn is not None
-        self._round = RoundGradient(self.hn)
-
-    def add_update(self, update: ClientUpdate) -> None:
-        super().add_update(update)
-        assert self._round is not None, "start_aggregation first"
-        self._round.add(update.client, self._delta(update), update.num_samples)
-
-    def finish_aggregation(self) -> None:
-        """One step of the base, the hypernetwork and the embeddings on the round's gradient."""
-        super().finish_aggregation()
-        acc, self._round = self._round, None
-        if acc is None or acc.total <= 0:
-            return
-        assert self.hn is not None
-        grads = acc.result()
         params = dict(self.hn.named_parameters())
-        # The base's step is the clients' mean delta, unclipped (FedAvg's step at base_lr = 1).
-        clip_and_step([params["base"]], [grads.pop("base")], 0, [self.base_optimizer])
         clip_and_step([params[n] for n in grads], list(grads.values()), self.options.max_grad_norm,
                       [self.hn_optimizer, self.embed_optimizer])
+
+    def start_aggregation(self) -> None:
+        """FedAvg's running mean for the ungenerated entries; with `step=round`, the round's gradient sum."""
+        super().start_aggregation()
+        assert self.hn is not None
+        self._round = RoundGradient(self.hn) if self.options.step == "round" else None
+
+    def add_update(self, update: ClientUpdate) -> None:
+        """One server step on this client's update as it arrives (the paper), or its share of the round's.
+
+        On the CPU the engine trains clients one after another, so each client was
+        sent what the hypernetwork, as stepped so far, generates (as in the paper);
+        clients trained together were all sent what it generated before their steps.
+        """
+        super().add_update(update)
+        assert self.hn is not None, "server_init first"
+        if self._round is not None:
+            self._round.add(update.client, self._delta(update), update.num_samples)
+        else:
+            self._step(client_gradient(self.hn, update.client, self._delta(update)))
+
+    def finish_aggregation(self) -> None:
+        """FedAvg's mean for the ungenerated entries; with `step=round`, one step on the round's gradient."""
+        super().finish_aggregation()
+        acc, self._round = self._round, None
+        if acc is not None and acc.total > 0:
+            self._step(acc.result())
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -417,7 +416,6 @@ class PFedHN(Method):
         return {
             **super().state_dict(),
             "hn": {n: t.detach().clone() for n, t in self.hn.state_dict().items()},
-            "base_optimizer": self.base_optimizer.state_dict(),
             "hn_optimizer": self.hn_optimizer.state_dict(),
             "embed_optimizer": self.embed_optimizer.state_dict(),
         }
@@ -426,7 +424,6 @@ class PFedHN(Method):
         assert self.hn is not None, "server_init first"
         super().load_state_dict(state)
         self.hn.load_state_dict(state["hn"])  # strict: names and shapes must match
-        self.base_optimizer.load_state_dict(state["base_optimizer"])
         self.hn_optimizer.load_state_dict(state["hn_optimizer"])
         self.embed_optimizer.load_state_dict(state["embed_optimizer"])
 
@@ -435,19 +432,17 @@ class PFedHN(Method):
         if self.hn is None:
             return {}
         return {
-            "hn_parameters": self.hn.num_hypernetwork_parameters(),
-            "hn_base_parameters": self.hn.base.numel(),
-            "hn_step_eigenvalue": self.step_eigenvalue,
+            "hn_parameters": self.hn.num_generator_parameters(),
+            "hn_base_parameters": self.hn.num_generated,
             "hn_client_embedding_parameters": self.hn.embeddings.weight.numel(),
-            "hn_chunks": self.hn.num_chunks,
+            "hn_chunks": self.hn.num_chunks,  # 0: one output layer per generated tensor
             "hn_generated_parameters": self.hn.num_generated,
         }
 
     @classmethod
     def search_space(cls, trial: SearchTrial) -> dict[str, Any]:
         return {
-            "method.hn_lr": trial.suggest_float("method.hn_lr", 1e-2, 1.0, log=True),
-            "method.embed_dim": trial.suggest_categorical("method.embed_dim", [8, 16, 32]),
+            "method.hn_lr": trial.suggest_float("method.hn_lr", 1e-3, 1e-1, log=True),
+            "method.embed_lr": trial.suggest_float("method.embed_lr", 1e-3, 1e-1, log=True),
             "method.hidden_dim": trial.suggest_categorical("method.hidden_dim", [64, 100, 200]),
-            "method.chunk_size": trial.suggest_categorical("method.chunk_size", [512, 1024, 2048, 4096]),
         }

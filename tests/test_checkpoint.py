@@ -36,7 +36,7 @@ def _assert_same(a, b, path="state"):
     ("fedavg", ()),
     ("fedperfix", ("method.mid_dim=8",)),
     ("fedrep", ("method.head_epochs=1",)),
-    ("pfedhn", ("method.variant=pc", "method.hidden_dim=8", "method.chunk_size=64")),
+    ("pfedhn", ("method.variant=pc", "method.hidden_dim=8")),
 ])
 def test_resumed_simulation_ends_exactly_like_an_uninterrupted_one(tmp_path, method, extra):
     overrides = ("train.rounds=4", "train.sample_fraction=0.5", "train.eval_every=3", *extra)
@@ -62,13 +62,13 @@ def test_resumed_simulation_ends_exactly_like_an_uninterrupted_one(tmp_path, met
 
 
 def test_pfedhn_state_dict_round_trips_hypernetwork_and_optimizers(tmp_path):
-    sim = Simulation(tiny_config("pfedhn", "method.hidden_dim=8", "method.chunk_size=64", "train.rounds=2"))
+    sim = Simulation(tiny_config("pfedhn", "method.hidden_dim=8", "train.rounds=2"))
     sim.run()  # the optimizers now hold momentum buffers
     saved = sim.method.state_dict()
     assert saved["hn_optimizer"]["state"] and saved["embed_optimizer"]["state"]
     torch.save(saved, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=True)
-    other = Simulation(tiny_config("pfedhn", "method.hidden_dim=8", "method.chunk_size=64", "train.rounds=2"))
+    other = Simulation(tiny_config("pfedhn", "method.hidden_dim=8", "train.rounds=2"))
     before = {n: t.clone() for n, t in other.method.hn.state_dict().items()}
     other.method.load_state_dict(loaded)
     _assert_same(saved, other.method.state_dict())

@@ -24,7 +24,7 @@ from conftest import recorded_updates, tiny_config
 NEEDS = {
     "partial": ["method.personal=blocks.1.*,head.*"],  # more than its default head, to test a block
     "fedperfix": ["method.mid_dim=8"],
-    "pfedhn": ["method.hidden_dim=8", "method.n_hidden=1", "method.chunk_size=96", "method.embed_dim=3"],
+    "pfedhn": ["method.hidden_dim=8", "method.n_hidden=1", "method.embed_dim=3"],
 }
 ALL = sorted(METHODS.names())
 

@@ -12,7 +12,7 @@ from pflbench.benchmark.errors import TrainingDiverged
 from pflbench.benchmark.models import build_model
 from pflbench.methods.aggregation import state_bytes, weighted_mean
 
-from conftest import tiny_config
+from conftest import recorded_updates, tiny_config
 
 
 def test_weighted_mean_is_the_sample_weighted_mean():
@@ -121,6 +121,29 @@ def test_client_sampling_follows_sample_fraction():
     draws = [sim.sample_clients() for _ in range(20)]
     assert all(len(d) == 2 and len(set(d)) == 2 for d in draws)
     assert len({tuple(d) for d in draws}) > 1
+
+
+def test_visits_per_client_count_each_clients_trainings(tracking_uri):
+    from mlflow import MlflowClient
+
+    from pflbench.benchmark.tracking import RunRecorder
+
+    cfg = tiny_config("fedavg", "data.num_clients=6", "train.sample_fraction=0.5", "train.rounds=4",
+                      "train.client_failure_rate=0.3")
+    sim = Simulation(cfg)
+    rounds = recorded_updates(sim)
+    recorder = RunRecorder(tracking_uri, "t")
+    with recorder:
+        history = sim.run([recorder]).history
+    counts = np.zeros(6)
+    for updates, metrics in zip(rounds, history):
+        for u in updates:  # a failed client sent nothing back, so it did not count
+            counts[u.client] += 1
+        assert metrics["visits_per_client_mean"] == counts.mean()
+        assert metrics["visits_per_client_min"] == counts.min()
+    assert 0 < counts.sum() < 4 * 3  # some sampled clients failed
+    logged = MlflowClient(tracking_uri).get_run(recorder.run_id).data.metrics  # the last round's: the whole run's
+    assert logged["visits_per_client_mean"] == counts.mean() and logged["visits_per_client_min"] == counts.min()
 
 
 def test_evaluation_reports_each_clients_personalized_accuracy():

@@ -17,7 +17,8 @@ import pytest
 from pflbench.benchmark.cli import main
 from pflbench.leaderboard import stats
 from pflbench.leaderboard.build import (
-    RunRow, _si, build_board, load_paper_table, paper_setting, parse_client_accuracy, results_csv, write_board,
+    RunRow, _si, build_board, load_paper_table, paper_setting, parse_client_accuracy, readme, results_csv,
+    write_board,
 )
 
 from conftest import TINY
@@ -145,6 +146,21 @@ def test_board_groups_dedups_and_compares():
     pending = [s for s in board.sections if s.pending]
     assert [s.dataset for s in pending] == ["cifar100", "organamnist", "officehome"]
     assert all(c.acc_text == "not run yet: needs a GPU" for s in pending for c in s.cells)
+
+
+def test_pfedhn_rows_say_how_many_visits_each_client_had():
+    runs = fixture_runs()[:3]  # fedavg, seeds 0-2
+    for i, seed in enumerate(range(3)):
+        run = _run(20 + i, "pfedhn", seed, 0.6)
+        run.metrics["visits_per_client_mean"] = 19.0 + seed  # 19, 20, 21: 20 on average
+        runs.append(run)
+        runs[i].metrics["visits_per_client_mean"] = 20.0  # recorded by every method, shown only for pfedhn
+    board = build_board(runs, experiment="exp", pending=False)
+    (section,) = board.sections
+    assert next(c for c in section.cells if c.method == "pfedhn").visits == pytest.approx(20.0)
+    text = readme(board, {})
+    assert "| pfedhn (20 visits/client) | 3 |" in text
+    assert "| fedavg | 3 |" in text and text.count("visits/client") == 1
 
 
 def test_output_matches_the_golden_files_and_is_deterministic(tmp_path):

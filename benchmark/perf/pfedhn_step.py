@@ -1,12 +1,13 @@
-"""How one pFedHN server step moves each client's generated weights, at a preset's full model size.
+"""How one round of pFedHN server steps moves each client's generated weights, at a preset's full model size.
 
 No data is read and nothing is trained: the model is built at the preset's
-size, the server is initialized, and each of the round's sampled clients
-returns a random change (N(0, scale^2)) of every generated tensor:
-"independent" (each client its own direction) or "correlated" (half of it a
-direction shared by the round). One plain step follows (`hn_lr=1`, no
-momentum, decay or clipping unless `--set` says otherwise). Reported per mode,
-as means over the round's clients:
+size, the server is initialized, and each of the round's sampled clients in
+turn is sent its generated weights and returns a random change (N(0, scale^2))
+of every generated tensor: "independent" (each client its own direction) or
+"correlated" (half of it a direction shared by the round). The server steps
+as it does in a run (one step per client update, at the configured `hn_lr`)
+but plainly: no momentum, decay or clipping unless `--set` says otherwise.
+Measured after the round, reported per mode as means over the round's clients:
 
 - `cosine`, `size_ratio`: the client's whole move (base + deviation) against its change;
 - `deviation_cosine`, `deviation_size_ratio`: the hypernetwork's own part of the move
@@ -30,7 +31,7 @@ from ..models import build_model
 from ..resolve import RunSpec
 
 MODES = ("independent", "correlated")
-PLAIN_STEP = ["method.hn_lr=1", "method.momentum=0", "method.weight_decay=0", "method.max_grad_norm=0"]
+PLAIN_STEP = ["method.momentum=0", "method.weight_decay=0", "method.max_grad_norm=0"]
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _flat(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tenso
 
 def measure(spec: RunSpec, dataset: str, num_classes: int, *, scale: float = 1e-3, seed: int = 0,
             modes: Sequence[str] = MODES, say: Callable[[str], None] = lambda line: None) -> list[StepAlignment]:
-    """One plain pFedHN server step per mode; see the module doc."""
+    """One round of plain pFedHN server steps per mode; see the module doc."""
     plain = dataclasses.replace(spec, overrides=(*PLAIN_STEP, *spec.overrides))  # the user's --set wins
     cfg = plain.resolve("pfedhn", dataset)
     torch.manual_seed(seed)
@@ -75,7 +76,10 @@ def measure(spec: RunSpec, dataset: str, num_classes: int, *, scale: float = 1e-
         gen = torch.Generator().manual_seed(seed + 1)
         common = {n: torch.randn(shared[n].shape, generator=gen) for n in names}
         updates = []
-        for client in range(k):
+        base_before = method.hn.base_flat().clone()
+        start = {c: _flat(method.broadcast(c), names) for c in range(k)}  # moves are measured from the round's start
+        method.start_aggregation()
+        for client in range(k):  # as the engine does: each client is sent what the server generates now
             sent = {n: t.clone() for n, t in method.broadcast(client).items()}
             after = dict(sent)
             for n in names:
@@ -84,14 +88,14 @@ def measure(spec: RunSpec, dataset: str, num_classes: int, *, scale: float = 1e-
                     own = (own + common[n]) / math.sqrt(2)
                 after[n] = sent[n] + scale * own.to(sent[n].dtype)
             updates.append(ClientUpdate(client, 100, sent, after))
-        base_before = method.hn.base.detach().clone()
-        method.aggregate(updates)
-        base_move = method.hn.base.detach() - base_before
+            method.add_update(updates[-1])
+        method.finish_aggregation()
+        base_move = method.hn.base_flat() - base_before
         changes = [_flat(u.params, names) - _flat(u.sent, names) for u in updates]
         mean_change = torch.stack(changes).mean(0)
         cos, ratio, dev_cos, dev_ratio = [], [], [], []
         for update, change in zip(updates, changes):
-            move = _flat(method.broadcast(update.client), names) - _flat(update.sent, names)
+            move = _flat(method.broadcast(update.client), names) - start[update.client]
             cos.append(float(torch.nn.functional.cosine_similarity(move, change, dim=0)))
             ratio.append(float(move.norm() / change.norm()))
             deviation, residual = move - base_move, change - mean_change
