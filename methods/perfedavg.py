@@ -109,6 +109,8 @@ class PerFedAvg(Method):
 
     Options = PerFedAvgOptions
     options: PerFedAvgOptions
+    # Its adaptation before evaluation is one step on one batch: the batch size sets that step's compute.
+    budget_keys = ("train.batch_size",)
 
     def inner_lr(self, ctx: LocalContext) -> float:
         return self.options.inner_lr or ctx.train.lr

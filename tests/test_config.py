@@ -122,8 +122,10 @@ def test_config_module_imports_no_registry():
 ])
 def test_paper_presets_run_the_reference_protocol(preset, dataset):
     cfg = resolve_config("fedperfix", dataset, preset=preset)
-    assert (cfg.data.min_samples, cfg.data.dirichlet_cap, cfg.data.normalize) == (256, True, "fixed")
-    assert cfg.train.eval_timing == "after-local"
+    # Office-Home's reference generator: no N/K cap, at least 20 / 0.15 samples a client.
+    expected = (134, False, "fixed") if dataset == "officehome" else (256, True, "fixed")
+    assert (cfg.data.min_samples, cfg.data.dirichlet_cap, cfg.data.normalize) == expected
+    assert cfg.train.eval_timing == "reference" and cfg.train.precision == "fp32"
     assert cfg.data.stratify == (dataset == "officehome")
     # The reference keeps the last block personal on CIFAR-100 only.
     assert cfg.method.personal_blocks == (1 if dataset == "cifar100" else 0)

@@ -425,7 +425,6 @@ def test_run_info_and_novel_accuracy_are_recorded(tracking_uri):
 
 @pytest.mark.parametrize(("key", "value"), [
     ("variant", "xx"), ("step", "xx"), ("chunk_size", "-1"), ("hn_lr", "0"), ("momentum", "1"), ("novel_rounds", "0"),
-    ("target", ","),
 ])
 def test_bad_options_name_the_key(key, value):
     with pytest.raises(UserError, match=f"method.{key}"):
