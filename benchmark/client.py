@@ -164,6 +164,7 @@ class _ClientContext:
             ids = {id(p) for p in params}
             named = {n: p for n, p in model.named_parameters() if id(p) in ids}
             loop = _StepLoop(named, cfg.batch_size, self._autocast, apply)
+            own_step = step_kind(params, step, None)  # built once, not per batch
         loss_sum = torch.zeros((), device=self.device)
         samples, flops = 0, 0.0
         if features is not None:
@@ -175,7 +176,7 @@ class _ClientContext:
             optimizer.zero_grad(set_to_none=True)
             if loop is not None:
                 # A method's own step: its first batch runs under the counter, the rest reuse the count per sample.
-                kind = (step_kind(params, step, None), tuple(x.shape[1:]))
+                kind = (own_step, tuple(x.shape[1:]))
                 per_sample = self._flops.known(kind)
                 if per_sample is None:
                     (batch_loss, n), counted = count_flops(step, model, x, y, loop)

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import mlflow
