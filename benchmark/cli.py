@@ -12,7 +12,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import traceback
 from importlib import metadata
 from pathlib import Path
@@ -145,117 +144,68 @@ def _spec(args: argparse.Namespace):
 
 def _load_images(cfg, quiet: bool = False):
     """The run's dataset, with a progress bar while images are decoded (first use only)."""
-    from ..datasets import DATASETS
+    from .experiment import load_images
 
     bar = None if quiet else show.LoadProgress(f"decoding {cfg.dataset.name} images (cached afterwards)")
     try:
-        return DATASETS.get(cfg.dataset.name).load(cfg.dataset, progress=bar)
+        return load_images(cfg, progress=bar)
     finally:
         if bar is not None:
             bar.stop()
 
 
-def _resumed_config(args: argparse.Namespace, run):
-    """The resumed run's own config (from its config.toml), with only --device/--data-root changed."""
-    from .config import names_in_config_file
-    from .resolve import RunSpec
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.toml"
-        path.write_text(run.config_toml)
-        method, dataset = names_in_config_file(path)
-        return RunSpec(config_file=str(path), device=args.device, data_root=args.data_root).resolve(method, dataset)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import to_toml
+    from .experiment import Recording, run_experiment
+    from .resolve import RunSpec
+    from .tracking import ui_command
 
     if args.explain and not args.dry_run:
         raise UserError("--explain goes with --dry-run")
     if args.resume:
-        return _resume(args)
-    cfg = _spec(args).resolve(*_names(args, args.method, args.dataset))
-    if args.dry_run:
-        if args.explain:
-            from .config import explain
+        given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset),
+                                      ("--preset", args.preset), ("--config", args.config), ("--seed", args.seed),
+                                      ("--set", args.overrides), ("--run-name", args.run_name), ("--tag", args.tags),
+                                      ("--dry-run", args.dry_run))
+                 if v is not None and v != [] and v is not False]
+        if given:
+            raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
+        spec, names = RunSpec(device=args.device, data_root=args.data_root), (None, None)
+    else:
+        spec, names = _spec(args), _names(args, args.method, args.dataset)
+        if args.dry_run:
+            cfg = spec.resolve(*names)
+            if args.explain:
+                from .config import explain
 
-            show.show_explained(explain(cfg))
-        else:
-            show.print_plain(to_toml(cfg), end="")
-        return 0
-    from .tracking import RunRecorder
+                show.show_explained(explain(cfg))
+            else:
+                show.print_plain(to_toml(cfg), end="")
+            return 0
+    progress: list = []
 
-    tags = dict(args.tags)
-    recorder = RunRecorder(args.tracking_uri, args.experiment, run_name=args.run_name, extra_tags=tags).prepare()
-    return _train(args, cfg, recorder)
-
-
-def _resume(args: argparse.Namespace) -> int:
-    from ..datasets import Partition
-    from .checkpoint import read_checkpoint, restore
-    from .tracking import RunRecorder, default_tracking_uri, resumable_run
-
-    given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset), ("--preset", args.preset),
-                                  ("--config", args.config), ("--seed", args.seed), ("--set", args.overrides),
-                                  ("--run-name", args.run_name), ("--tag", args.tags), ("--dry-run", args.dry_run))
-             if v is not None and v != [] and v is not False]
-    if given:
-        raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
-    uri = args.tracking_uri or default_tracking_uri()
-    run = resumable_run(uri, args.resume)
-    if run.status == "FINISHED":
-        raise UserError(f"run {run.run_id} has already finished")
-    if run.alive:
-        raise UserError(f"run {run.run_id} is still running in another process on this host")
-    if run.checkpoint is None:
-        raise UserError(f"run {run.run_id} was started without checkpoints (run.checkpoint_every=0);"
-                        " it cannot be resumed")
-    cfg = _resumed_config(args, run)
-    partition = Partition.from_json(run.partition_json, f"run {run.run_id}'s partition.json")
-    state = read_checkpoint(run.checkpoint, "cpu")
-    recorder = RunRecorder(uri, run.experiment, resume_run_id=run.run_id).prepare()
-    return _train(args, cfg, recorder, partition=partition,
-                  resume=lambda sim: restore(sim, state, run.checkpoint))
-
-
-def _train(args, cfg, recorder, *, partition=None, resume=None) -> int:
-    """Build the simulation, run it with progress and tracking, report; the shared tail of run and resume."""
-    from .checkpoint import Checkpointer
-    from .engine import Simulation
-    from .tracking import ui_command
-
-    images = _load_images(cfg, args.quiet)
-    status = None if args.quiet else show.console.status("loading data and building the model")
-    if status:
-        status.start()
-    try:
-        sim = Simulation(cfg, images=images, partition=partition)
-        if resume is not None:
-            resume(sim)
-    finally:
-        if status:
-            status.stop()
-    checkpointer = Checkpointer(recorder.checkpoint_path, cfg.run.checkpoint_every)
-    callbacks: list = [recorder, checkpointer]  # the round is logged before it is checkpointed
-    progress = None
-    if not args.quiet:
+    def callbacks(sim):
+        if args.quiet:
+            return ()
         show.show_run_header(sim)
-        progress = show.round_progress(cfg.train.rounds, f"{cfg.method.name}/{cfg.dataset.name}")
-        callbacks.append(progress)
+        progress.append(show.round_progress(sim.cfg.train.rounds, f"{sim.cfg.method.name}/{sim.cfg.dataset.name}"))
+        return progress
+
     try:
-        with recorder:
-            result = sim.run(callbacks)
+        done = run_experiment(
+            spec, *names, resume=args.resume,
+            recording=Recording(args.tracking_uri, args.experiment, run_name=args.run_name, tags=dict(args.tags)),
+            loader=lambda cfg: _load_images(cfg, args.quiet),
+            building=lambda: show.building_status(args.quiet), callbacks=callbacks)
     except TrainingDiverged as err:
-        raise UserError(f"{err}; MLflow run {recorder.run_id} marked FAILED") from None
+        raise UserError(f"{err}; MLflow run {err.run_id} marked FAILED") from None
     finally:
-        if progress:
-            progress.stop()
-    if checkpointer.saved is not None and not cfg.run.keep_checkpoint:
-        checkpointer.saved.unlink(missing_ok=True)  # finished: nothing is left to resume
+        for bar in progress:
+            bar.stop()
+    rec = done.recorder
     if not args.quiet:
-        show.show_run_result(sim, result, recorder.run_id, recorder.experiment, recorder.url,
-                             ui_command(recorder.tracking_uri))
-    print(show.final_line(sim, result, recorder.run_id))
+        show.show_run_result(done.sim, done.result, rec.run_id, rec.experiment, rec.url, ui_command(rec.tracking_uri))
+    print(show.final_line(done.sim, done.result, rec.run_id))
     return 0
 
 
@@ -837,16 +787,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame) -> NoReturn:
-    raise Terminated(signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from .experiment import sigterm_as_interrupt
+
     # SIGTERM (kill, timeout, Slurm, docker stop) takes Ctrl-C's path: the run ends KILLED, its records kept.
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        with sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            return args.func(args)
     except UserError as err:
         show.print_error(str(err))
         return 2
@@ -859,8 +807,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # an internal failure: keep the traceback for the bug report
         traceback.print_exc()
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ plain line on stderr instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -114,6 +115,16 @@ class LoadProgress:
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+@contextlib.contextmanager
+def building_status(quiet: bool = False) -> Iterator[None]:
+    """A spinner while the simulation is built (the data moved to the device, the model made)."""
+    if quiet:
+        yield
+        return
+    with console.status("loading data and building the model"):
+        yield
 
 
 def print_error(message: str) -> None:
