@@ -639,9 +639,10 @@ def _add_tune(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .console_study import sweep_progress, sweep_summary
-    from .sweep import run_sweep
+    from .console_study import sweep_line, sweep_progress, sweep_summary
+    from .sweep import parse_shard, run_sweep
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
     progress = None if args.quiet else sweep_progress(show.console, 0)
 
     def on_start(total: int, skipped: int) -> None:
@@ -652,26 +653,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def on_item(item) -> None:
         if progress is not None:
             acc = "" if item.test_acc_mean is None else f" {item.test_acc_mean:.4f}"
-            progress.update(0, advance=1, last=f"{item.method}/{item.dataset} seed {item.seed}: {item.status}{acc}")
+            done = f"{item.status}{' (resumed)' if item.resumed else ''}"
+            progress.update(0, advance=1, last=f"{item.method}/{item.dataset} seed {item.seed}: {done}{acc}")
 
     try:
         suite = run_sweep(args.suite, workers=args.workers, tracking_uri=args.tracking_uri,
                           experiment=args.experiment, data_root=args.data_root, best_of=args.best_of,
-                          on_start=on_start, on_item=on_item)
+                          shard=shard, heartbeat_timeout=args.heartbeat_timeout, on_start=on_start, on_item=on_item)
     finally:
         if progress is not None:
             progress.stop()
     if not args.quiet:
         sweep_summary(show.console, suite)
-    counts = {s: sum(1 for i in suite.items if i.status == s) for s in ("finished", "skipped", "failed")}
-    print(f"sweep {suite.path.name} runs={len(suite.items)} " + " ".join(f"{k}={v}" for k, v in counts.items()))
-    for item in suite.items:
-        if item.status == "failed":
-            show.err_console.print(f"failed: {item.method}/{item.dataset} seed {item.seed}: {item.error}", markup=False)
-    return 1 if counts["failed"] else 0
+    print(sweep_line(suite))
+    failed = [item for item in suite.items if item.status == "failed"]
+    for item in failed:
+        show.err_console.print(f"failed: {item.method}/{item.dataset} seed {item.seed}: {item.error}", markup=False)
+    return 1 if failed else 0
 
 
 def _add_sweep(sub) -> None:
+    from .claims import HEARTBEAT_TIMEOUT
+
     p = sub.add_parser("sweep", help="run a suite of final runs (datasets x methods x seeds), skipping finished ones")
     p.add_argument("suite", metavar="SUITE.toml", help="the suite file (see README: bench sweep)")
     _add_tracking_arguments(p)
@@ -680,6 +683,11 @@ def _add_sweep(sub) -> None:
                    help="parallel worker processes: one GPU each, or the CPU threads split (default 1)")
     p.add_argument("--best-of", metavar="PATTERN",
                    help="start every run from this tuning study's best config, e.g. '{method}-{dataset}-paper'")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run only the I-th of N parts of the suite, 0 <= I < N (0-based: Slurm's --array=0-(N-1),"
+                        " Kubernetes' JOB_COMPLETION_INDEX)")
+    p.add_argument("--heartbeat-timeout", type=_positive_float, metavar="S",
+                   help=f"take over a run whose claim's heartbeat is older than S seconds (default {HEARTBEAT_TIMEOUT:g})")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     p.set_defaults(func=cmd_sweep)
 

@@ -143,26 +143,32 @@ def run_experiment(
             recorder = RunRecorder(uri, recording.experiment, stage=recording.stage, run_name=recording.run_name,
                                    parent_run_id=recording.parent_run_id, extra_tags=recording.tags,
                                    claimed_run_id=claimed_run_id).prepare()
-        if images is None:
-            images = loader(cfg)
-        with building():
-            kwargs = {} if eval_splits is None else {"eval_splits": tuple(eval_splits)}
-            sim = Simulation(cfg, images=images, partition=partition, **kwargs)
-            if state is not None:
-                restore(sim, state, run.checkpoint)
-        checkpointer = Checkpointer(recorder.checkpoint_path, cfg.run.checkpoint_every)
         beat = Heartbeat(uri, heartbeat) if heartbeat else None
-
-        class _Beat(Callback):  # starts once the recorder's on_start has made (or reopened) the run
-            def on_start(self, sim: Simulation) -> None:
-                if beat is not None:
-                    beat.start(recorder.run_id)
-
-        # The round is logged before it is checkpointed: a resumed run never misses a logged round.
-        hooks: list[Callback] = [recorder, checkpointer, _Beat(), *callbacks(sim)]
-        resumed_from = sim.round_index
         try:
-            with recorder:
+            with contextlib.ExitStack() as stack:
+                if claimed_run_id is not None:  # the run exists already: a failure while building ends it too
+                    stack.enter_context(recorder)
+                    if beat is not None:
+                        beat.start(claimed_run_id)
+                if images is None:
+                    images = loader(cfg)
+                with building():
+                    kwargs = {} if eval_splits is None else {"eval_splits": tuple(eval_splits)}
+                    sim = Simulation(cfg, images=images, partition=partition, **kwargs)
+                    if state is not None:
+                        restore(sim, state, run.checkpoint)
+                checkpointer = Checkpointer(recorder.checkpoint_path, cfg.run.checkpoint_every)
+
+                class _Beat(Callback):  # starts once the recorder's on_start has made (or reopened) the run
+                    def on_start(self, sim: Simulation) -> None:
+                        if beat is not None and claimed_run_id is None:
+                            beat.start(recorder.run_id)
+
+                # The round is logged before it is checkpointed: a resumed run never misses a logged round.
+                hooks: list[Callback] = [recorder, checkpointer, _Beat(), *callbacks(sim)]
+                resumed_from = sim.round_index
+                if claimed_run_id is None:
+                    stack.enter_context(recorder)
                 result = sim.run(hooks)
         except TrainingDiverged as err:
             err.run_id = recorder.run_id

@@ -315,7 +315,7 @@ class RunRecorder(Callback):
         self.extra_tags = dict(extra_tags or {})
         self.client: MlflowClient | None = None
         self.experiment_id: str | None = None
-        self.run_id: str | None = resume_run_id
+        self.run_id: str | None = resume_run_id or claimed_run_id
         self.resuming = resume_run_id is not None
         self.claimed_run_id = claimed_run_id  # a run already created as a sweep's claim: filled, not created
         self.logged_through = 0  # rounds already in the run (a resumed run logs none of them again)
@@ -629,7 +629,7 @@ class ResumableRun:
     config_toml: str  # the run's config.toml artifact
     partition_json: str  # its partition.json artifact
     checkpoint: Path | None  # where its checkpoint was written (None: never checkpointed)
-    alive: bool  # still running in a live process on this host
+    alive: bool  # still running in another live process on this host (a sweep's takeover holds it itself)
 
 
 def resumable_run(tracking_uri: str, run_id: str) -> ResumableRun:
@@ -651,7 +651,8 @@ def resumable_run(tracking_uri: str, run_id: str) -> ResumableRun:
         experiment = client.get_experiment(run.info.experiment_id).name
     path = tags.get(Tag.CHECKPOINT)
     return ResumableRun(run_id, experiment, run.info.status, texts[Artifact.CONFIG], texts[Artifact.PARTITION],
-                        Path(path) if path else None, run.info.status == "RUNNING" and _judge(tags) == "alive")
+                        Path(path) if path else None,
+                        run.info.status == "RUNNING" and _judge(tags) == "alive" and tags.get(Tag.PID) != str(os.getpid()))
 
 
 def _judge(tags: Mapping[str, str]) -> str:
