@@ -184,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
     progress: list = []
 
-    def callbacks(sim):
+    def callbacks(sim, recorder):
         if args.quiet:
             return ()
         show.show_run_header(sim)

@@ -104,7 +104,7 @@ def run_experiment(
     eval_splits: Sequence[str] | None = None,
     loader: Callable[[RunConfig], Any] = load_images,
     building: Callable[[], ContextManager] = contextlib.nullcontext,
-    callbacks: Callable[[Simulation], Sequence[Callback]] = lambda sim: (),
+    callbacks: Callable[[Simulation, RunRecorder], Sequence[Callback]] = lambda sim, recorder: (),
 ) -> Experiment:
     """Run one experiment to its end and record it; see the module docstring.
 
@@ -114,8 +114,8 @@ def run_experiment(
     creating one. `heartbeat`: refresh the run's heartbeat tag every so many
     seconds while it runs. `images` and `partition` reuse data already loaded
     (else `loader(cfg)` loads it); `building()` wraps the simulation's build;
-    `callbacks(sim)` adds progress reporters and the like after the recorder
-    and the checkpointer. TrainingDiverged propagates, with `run_id` set, after
+    `callbacks(sim, recorder)` adds progress reporters and the like after the
+    recorder and the checkpointer (the recorder's run exists from their `on_start`). TrainingDiverged propagates, with `run_id` set, after
     the run is marked FAILED.
     """
     with sigterm_as_interrupt():
@@ -165,7 +165,7 @@ def run_experiment(
                             beat.start(recorder.run_id)
 
                 # The round is logged before it is checkpointed: a resumed run never misses a logged round.
-                hooks: list[Callback] = [recorder, checkpointer, _Beat(), *callbacks(sim)]
+                hooks: list[Callback] = [recorder, checkpointer, _Beat(), *callbacks(sim, recorder)]
                 resumed_from = sim.round_index
                 if claimed_run_id is None:
                     stack.enter_context(recorder)

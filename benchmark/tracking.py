@@ -715,16 +715,16 @@ def mark_killed(tracking_uri: str, run_ids: list[str]) -> None:
 def holder_alive(tags: Mapping[str, str], timeout: float, now: float | None = None) -> bool:
     """Whether the process holding a RUNNING run still holds it.
 
-    On this host its pid decides; on any host a heartbeat older than `timeout`
-    seconds (by this machine's clock: hosts are assumed synchronized to well
-    under the timeout) means the holder is gone.
+    Gone: its pid no longer runs (judged on its own host only), or, on any
+    host, its heartbeat is older than `timeout` seconds (by this machine's
+    clock: hosts are assumed synchronized to well under the timeout).
     """
     if _judge(tags) == "dead":
         return False
     try:
         beat = float(tags.get(Tag.HEARTBEAT, ""))
     except ValueError:
-        return _judge(tags) == "alive"  # a run from before heartbeats: only its pid can tell
+        return True  # a run from before heartbeats: nothing says it is gone
     return (time.time() if now is None else now) - beat <= timeout
 
 
