@@ -10,7 +10,6 @@ import argparse
 import math
 import os
 import signal
-import statistics
 import sys
 import traceback
 from importlib import metadata
@@ -353,8 +352,7 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
     if not args.quiet:
         show.show_perf_overhead(result)
-    ratios = ", ".join(f"{e / t:.3f}" for e, t in zip(result.engine, result.tight))
-    print(f"ratio engine / tight loop: {result.ratio:.3f} (per repeat: {ratios})")
+    print(show.perf_overhead_line(result))
     return 0
 
 
@@ -363,23 +361,13 @@ def cmd_perf_together(args: argparse.Namespace) -> int:
 
     from .perf.together import measure
 
-    torch.set_num_threads(args.threads)
-
-    def report(i: int, result) -> None:
-        if not args.quiet:
-            show.console.print(f"repeat {i + 1}: sequential {result.sequential[-1]:8.1f} samples/s   together"
-                          f" {result.together[-1]:8.1f} samples/s   ratio {result.ratios[-1]:.3f}", highlight=False)
-
     from .resolve import RunSpec
 
+    torch.set_num_threads(args.threads)
     spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device=args.device, data_root=args.data_root)
     result = measure(spec, method=args.method, dataset=args.dataset, parallel=args.parallel, rounds=args.rounds,
-                     repeats=args.repeats, on_repeat=report)
-    ratios = result.ratios
-    print(f"{args.method}: sequential {statistics.median(result.sequential):.1f} samples/s, {result.parallel} clients"
-          f" together {statistics.median(result.together):.1f} samples/s; ratio together / sequential"
-          f" {statistics.median(ratios):.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)};"
-          f" {result.samples} samples a side per repeat)")
+                     repeats=args.repeats, on_repeat=None if args.quiet else show.show_perf_together_repeat)
+    print(show.perf_together_line(args.method, result))
     return 0
 
 
@@ -389,13 +377,8 @@ def cmd_perf_pfedhn_step(args: argparse.Namespace) -> int:
 
     spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device="cpu")
     for r in measure(spec, args.dataset, args.classes, scale=args.scale,
-                     say=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True))):
-        outputs = f"{r.chunks} chunks" if r.chunks else "one output layer per tensor"
-        print(f"{args.preset or args.dataset} {r.mode}: {r.clients} clients a round, {outputs},"
-              f" {r.generated:,} generated values, hypernetwork {r.hn_parameters:,} parameters")
-        print(f"  whole move vs the client's change: cosine {r.cosine:.3f}, size {r.size_ratio:.3f}x")
-        print(f"  hypernetwork's part vs the client's residual: cosine {r.deviation_cosine:.3f},"
-              f" size {r.deviation_size_ratio:.3f}x")
+                     say=(lambda line: None) if args.quiet else show.print_flushed):
+        show.show_pfedhn_step(args.preset or args.dataset, r)
     return 0
 
 
@@ -412,27 +395,12 @@ def cmd_perf_memory(args: argparse.Namespace) -> int:
         raise UserError(f"bad --clients {args.clients!r}: expected integers, e.g. 10,1000") from None
     if not clients or clients[0] < 1:
         raise UserError(f"bad --clients {args.clients!r}: every count must be >= 1")
-    mib = 2.0**20
-
-    def show(r) -> None:
-        cuda = f"   peak CUDA {r.cuda_peak / mib:7.1f} MiB" if r.cuda_peak else ""
-        print(f"{r.method:>9} {r.clients:>6} clients: peak RSS {r.peak_rss / mib:7.1f} MiB (before the simulation"
-              f" {r.base_rss / mib:6.1f} MiB){cuda}; model {r.model_bytes / 1024:.1f} KiB, personal per client"
-              f" {r.personal_bytes / 1024:.2f} KiB, {r.trained} clients stored")
-
     results = measure(methods=methods, clients=clients, device=args.device, overrides=args.overrides,
-                      on_result=None if args.quiet else show)
+                      on_result=None if args.quiet else show.show_perf_memory_result)
     for method in methods:
         mine = [r for r in results if r.method == method]
-        low, high = mine[0], mine[-1]
-        if len(mine) < 2:
-            continue
-        grown = (high.peak_rss - high.base_rss) - (low.peak_rss - low.base_rss)
-        per_client = grown / max(high.trained - low.trained, 1)
-        print(f"{method}: peak RSS {high.clients} / {low.clients} clients = {high.peak_rss / low.peak_rss:.3f};"
-              f" growth {per_client / 1024:.2f} KiB per added client"
-              f" (personal entries: {high.personal_bytes / 1024:.2f}"
-              f" KiB per client)")
+        if len(mine) >= 2:
+            print(show.perf_memory_line(method, mine[0], mine[-1]))
     return 0
 
 
@@ -445,10 +413,8 @@ def cmd_perf_gpu(args: argparse.Namespace) -> int:
         raise UserError("bench perf gpu needs --data-root (the folder holding the CIFAR-10 (JPEG) tree), or --tiny")
     torch.set_num_threads(args.threads)
     report = run(tiny=args.tiny, data_root=args.data_root, folder=args.folder, device=args.device,
-                 repeats=args.repeats, say=lambda line: print(line, flush=True))
-    print(f"paper run ({report.rounds} rounds) extrapolated: {report.rounds} x one warm round"
-          f" ({report.round_seconds:.1f} s) = {report.paper_run_seconds / 60:.1f} min (data loading and model build"
-          f" not included); benchmark wall time {report.seconds:.0f} s")
+                 repeats=args.repeats, say=show.print_flushed)
+    print(show.perf_gpu_line(report))
     return 0
 
 
@@ -758,12 +724,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _add_leaderboard(sub) -> None:
+    from .records import Stage
+
     p = sub.add_parser("leaderboard", help="build the leaderboard (README.md, results.csv, index.html) from MLflow runs")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write README.md, results.csv, index.html")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--experiment", default="pflbench", metavar="NAME", help="MLflow experiment (default pflbench)")
-    p.add_argument("--stage", default="final", help="which runs to read (default final: the sweep's runs)")
+    p.add_argument("--stage", default=Stage.FINAL, help="which runs to read (default final: the sweep's runs)")
     p.add_argument("--budget", metavar="TEXT", help="the tuning budget, stated on the page")
     p.add_argument("--no-pending", action="store_true", help="leave out the paper's settings that have no runs")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
