@@ -22,8 +22,8 @@ both steps are "write my claim, then read; yield if another claim is there".
   where the generation is the run's resume count + 1, then read its tags. The
   same argument applies to two tags of one generation: the later reader sees
   the earlier claim and yields (removes its tag). The winner's tag stays, and
-  it writes its own host, pid and heartbeat before training, so the run is a
-  live claim again.
+  it marks the run RUNNING with its own host, pid and heartbeat at once, so
+  the run is a live claim again before any data is loaded.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ from typing import Mapping
 
 from .records import Tag
 from .tracking import (
-    RunRecord, create_claim_run, delete_run, delete_run_tag, find_runs, holder_alive, process_tags, run_tags,
-    set_run_tags,
+    RunRecord, create_claim_run, delete_run, delete_run_tag, find_runs, hold_run, holder_alive, run_tags, set_run_tags,
 )
 
 HEARTBEAT_TIMEOUT = 300.0  # seconds without a heartbeat before a run on another host is taken over
@@ -86,7 +85,7 @@ def _take_over(tracking_uri: str, run: RunRecord) -> bool:
     if any(k.startswith(generation) and k != mine for k in tags) or status == "FINISHED":
         delete_run_tag(tracking_uri, run.run_id, mine)
         return False
-    set_run_tags(tracking_uri, run.run_id, process_tags())  # held: a live claim from now on
+    hold_run(tracking_uri, run.run_id)  # RUNNING in our name: a live claim from now on
     return True
 
 

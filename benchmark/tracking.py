@@ -753,6 +753,14 @@ def set_run_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> Non
         MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def hold_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a taken-over run RUNNING in this process's name (a live claim from now on)."""
+    with store_errors(tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in process_tags().items()])
+        client.update_run(run_id, status="RUNNING")
+
+
 def delete_run_tag(tracking_uri: str, run_id: str, key: str) -> None:
     with store_errors(tracking_uri):
         MlflowClient(tracking_uri=tracking_uri).delete_tag(run_id, key)
@@ -801,7 +809,7 @@ def search_runs(tracking_uri: str | None = None, experiments: list[str] | None =
 
 
 __all__ = [
-    "Heartbeat", "create_claim_run", "delete_run", "delete_run_tag", "holder_alive", "run_tags", "set_run_tags",
+    "Heartbeat", "create_claim_run", "delete_run", "delete_run_tag", "hold_run", "holder_alive", "run_tags", "set_run_tags",
     "METRIC_NAMES", "ParentRun", "RecordedRun", "ResumableRun", "RunRecord", "RunRecorder", "check_tracking_uri",
     "default_tracking_uri", "ensure_experiment", "experiment_exists", "find_runs", "list_runs", "mark_killed",
     "open_store", "read_text_artifact", "resumable_run", "run_url", "search_runs", "ui_command",
