@@ -10,9 +10,7 @@ import argparse
 import math
 import os
 import signal
-import statistics
 import sys
-import tempfile
 import traceback
 from importlib import metadata
 from pathlib import Path
@@ -145,117 +143,68 @@ def _spec(args: argparse.Namespace):
 
 def _load_images(cfg, quiet: bool = False):
     """The run's dataset, with a progress bar while images are decoded (first use only)."""
-    from ..datasets import DATASETS
+    from .experiment import load_images
 
     bar = None if quiet else show.LoadProgress(f"decoding {cfg.dataset.name} images (cached afterwards)")
     try:
-        return DATASETS.get(cfg.dataset.name).load(cfg.dataset, progress=bar)
+        return load_images(cfg, progress=bar)
     finally:
         if bar is not None:
             bar.stop()
 
 
-def _resumed_config(args: argparse.Namespace, run):
-    """The resumed run's own config (from its config.toml), with only --device/--data-root changed."""
-    from .config import names_in_config_file
-    from .resolve import RunSpec
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.toml"
-        path.write_text(run.config_toml)
-        method, dataset = names_in_config_file(path)
-        return RunSpec(config_file=str(path), device=args.device, data_root=args.data_root).resolve(method, dataset)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import to_toml
+    from .experiment import Recording, run_experiment
+    from .resolve import RunSpec
+    from .tracking import ui_command
 
     if args.explain and not args.dry_run:
         raise UserError("--explain goes with --dry-run")
     if args.resume:
-        return _resume(args)
-    cfg = _spec(args).resolve(*_names(args, args.method, args.dataset))
-    if args.dry_run:
-        if args.explain:
-            from .config import explain
+        given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset),
+                                      ("--preset", args.preset), ("--config", args.config), ("--seed", args.seed),
+                                      ("--set", args.overrides), ("--run-name", args.run_name), ("--tag", args.tags),
+                                      ("--dry-run", args.dry_run))
+                 if v is not None and v != [] and v is not False]
+        if given:
+            raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
+        spec, names = RunSpec(device=args.device, data_root=args.data_root), (None, None)
+    else:
+        spec, names = _spec(args), _names(args, args.method, args.dataset)
+        if args.dry_run:
+            cfg = spec.resolve(*names)
+            if args.explain:
+                from .config import explain
 
-            show.show_explained(explain(cfg))
-        else:
-            show.print_plain(to_toml(cfg), end="")
-        return 0
-    from .tracking import RunRecorder
+                show.show_explained(explain(cfg))
+            else:
+                show.print_plain(to_toml(cfg), end="")
+            return 0
+    progress: list = []
 
-    tags = dict(args.tags)
-    recorder = RunRecorder(args.tracking_uri, args.experiment, run_name=args.run_name, extra_tags=tags).prepare()
-    return _train(args, cfg, recorder)
-
-
-def _resume(args: argparse.Namespace) -> int:
-    from ..datasets import Partition
-    from .checkpoint import read_checkpoint, restore
-    from .tracking import RunRecorder, default_tracking_uri, resumable_run
-
-    given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset), ("--preset", args.preset),
-                                  ("--config", args.config), ("--seed", args.seed), ("--set", args.overrides),
-                                  ("--run-name", args.run_name), ("--tag", args.tags), ("--dry-run", args.dry_run))
-             if v is not None and v != [] and v is not False]
-    if given:
-        raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
-    uri = args.tracking_uri or default_tracking_uri()
-    run = resumable_run(uri, args.resume)
-    if run.status == "FINISHED":
-        raise UserError(f"run {run.run_id} has already finished")
-    if run.alive:
-        raise UserError(f"run {run.run_id} is still running in another process on this host")
-    if run.checkpoint is None:
-        raise UserError(f"run {run.run_id} was started without checkpoints (run.checkpoint_every=0);"
-                        " it cannot be resumed")
-    cfg = _resumed_config(args, run)
-    partition = Partition.from_json(run.partition_json, f"run {run.run_id}'s partition.json")
-    state = read_checkpoint(run.checkpoint, "cpu")
-    recorder = RunRecorder(uri, run.experiment, resume_run_id=run.run_id).prepare()
-    return _train(args, cfg, recorder, partition=partition,
-                  resume=lambda sim: restore(sim, state, run.checkpoint))
-
-
-def _train(args, cfg, recorder, *, partition=None, resume=None) -> int:
-    """Build the simulation, run it with progress and tracking, report; the shared tail of run and resume."""
-    from .checkpoint import Checkpointer
-    from .engine import Simulation
-    from .tracking import ui_command
-
-    images = _load_images(cfg, args.quiet)
-    status = None if args.quiet else show.console.status("loading data and building the model")
-    if status:
-        status.start()
-    try:
-        sim = Simulation(cfg, images=images, partition=partition)
-        if resume is not None:
-            resume(sim)
-    finally:
-        if status:
-            status.stop()
-    checkpointer = Checkpointer(recorder.checkpoint_path, cfg.run.checkpoint_every)
-    callbacks: list = [recorder, checkpointer]  # the round is logged before it is checkpointed
-    progress = None
-    if not args.quiet:
+    def callbacks(sim, recorder):
+        if args.quiet:
+            return ()
         show.show_run_header(sim)
-        progress = show.round_progress(cfg.train.rounds, f"{cfg.method.name}/{cfg.dataset.name}")
-        callbacks.append(progress)
+        progress.append(show.round_progress(sim.cfg.train.rounds, f"{sim.cfg.method.name}/{sim.cfg.dataset.name}"))
+        return progress
+
     try:
-        with recorder:
-            result = sim.run(callbacks)
+        done = run_experiment(
+            spec, *names, resume=args.resume,
+            recording=Recording(args.tracking_uri, args.experiment, run_name=args.run_name, tags=dict(args.tags)),
+            loader=lambda cfg: _load_images(cfg, args.quiet),
+            building=lambda: show.building_status(args.quiet), callbacks=callbacks)
     except TrainingDiverged as err:
-        raise UserError(f"{err}; MLflow run {recorder.run_id} marked FAILED") from None
+        raise UserError(f"{err}; MLflow run {err.run_id} marked FAILED") from None
     finally:
-        if progress:
-            progress.stop()
-    if checkpointer.saved is not None and not cfg.run.keep_checkpoint:
-        checkpointer.saved.unlink(missing_ok=True)  # finished: nothing is left to resume
+        for bar in progress:
+            bar.stop()
+    rec = done.recorder
     if not args.quiet:
-        show.show_run_result(sim, result, recorder.run_id, recorder.experiment, recorder.url,
-                             ui_command(recorder.tracking_uri))
-    print(show.final_line(sim, result, recorder.run_id))
+        show.show_run_result(done.sim, done.result, rec.run_id, rec.experiment, rec.url, ui_command(rec.tracking_uri))
+    print(show.final_line(done.sim, done.result, rec.run_id))
     return 0
 
 
@@ -403,8 +352,7 @@ def cmd_perf_overhead(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)  # a caller in the same process keeps its own setting
     if not args.quiet:
         show.show_perf_overhead(result)
-    ratios = ", ".join(f"{e / t:.3f}" for e, t in zip(result.engine, result.tight))
-    print(f"ratio engine / tight loop: {result.ratio:.3f} (per repeat: {ratios})")
+    print(show.perf_overhead_line(result))
     return 0
 
 
@@ -413,23 +361,13 @@ def cmd_perf_together(args: argparse.Namespace) -> int:
 
     from .perf.together import measure
 
-    torch.set_num_threads(args.threads)
-
-    def report(i: int, result) -> None:
-        if not args.quiet:
-            show.console.print(f"repeat {i + 1}: sequential {result.sequential[-1]:8.1f} samples/s   together"
-                          f" {result.together[-1]:8.1f} samples/s   ratio {result.ratios[-1]:.3f}", highlight=False)
-
     from .resolve import RunSpec
 
+    torch.set_num_threads(args.threads)
     spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device=args.device, data_root=args.data_root)
     result = measure(spec, method=args.method, dataset=args.dataset, parallel=args.parallel, rounds=args.rounds,
-                     repeats=args.repeats, on_repeat=report)
-    ratios = result.ratios
-    print(f"{args.method}: sequential {statistics.median(result.sequential):.1f} samples/s, {result.parallel} clients"
-          f" together {statistics.median(result.together):.1f} samples/s; ratio together / sequential"
-          f" {statistics.median(ratios):.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)};"
-          f" {result.samples} samples a side per repeat)")
+                     repeats=args.repeats, on_repeat=None if args.quiet else show.show_perf_together_repeat)
+    print(show.perf_together_line(args.method, result))
     return 0
 
 
@@ -439,13 +377,8 @@ def cmd_perf_pfedhn_step(args: argparse.Namespace) -> int:
 
     spec = RunSpec(preset=args.preset, overrides=tuple(args.overrides), device="cpu")
     for r in measure(spec, args.dataset, args.classes, scale=args.scale,
-                     say=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True))):
-        outputs = f"{r.chunks} chunks" if r.chunks else "one output layer per tensor"
-        print(f"{args.preset or args.dataset} {r.mode}: {r.clients} clients a round, {outputs},"
-              f" {r.generated:,} generated values, hypernetwork {r.hn_parameters:,} parameters")
-        print(f"  whole move vs the client's change: cosine {r.cosine:.3f}, size {r.size_ratio:.3f}x")
-        print(f"  hypernetwork's part vs the client's residual: cosine {r.deviation_cosine:.3f},"
-              f" size {r.deviation_size_ratio:.3f}x")
+                     say=(lambda line: None) if args.quiet else show.print_flushed):
+        show.show_pfedhn_step(args.preset or args.dataset, r)
     return 0
 
 
@@ -462,27 +395,12 @@ def cmd_perf_memory(args: argparse.Namespace) -> int:
         raise UserError(f"bad --clients {args.clients!r}: expected integers, e.g. 10,1000") from None
     if not clients or clients[0] < 1:
         raise UserError(f"bad --clients {args.clients!r}: every count must be >= 1")
-    mib = 2.0**20
-
-    def show(r) -> None:
-        cuda = f"   peak CUDA {r.cuda_peak / mib:7.1f} MiB" if r.cuda_peak else ""
-        print(f"{r.method:>9} {r.clients:>6} clients: peak RSS {r.peak_rss / mib:7.1f} MiB (before the simulation"
-              f" {r.base_rss / mib:6.1f} MiB){cuda}; model {r.model_bytes / 1024:.1f} KiB, personal per client"
-              f" {r.personal_bytes / 1024:.2f} KiB, {r.trained} clients stored")
-
     results = measure(methods=methods, clients=clients, device=args.device, overrides=args.overrides,
-                      on_result=None if args.quiet else show)
+                      on_result=None if args.quiet else show.show_perf_memory_result)
     for method in methods:
         mine = [r for r in results if r.method == method]
-        low, high = mine[0], mine[-1]
-        if len(mine) < 2:
-            continue
-        grown = (high.peak_rss - high.base_rss) - (low.peak_rss - low.base_rss)
-        per_client = grown / max(high.trained - low.trained, 1)
-        print(f"{method}: peak RSS {high.clients} / {low.clients} clients = {high.peak_rss / low.peak_rss:.3f};"
-              f" growth {per_client / 1024:.2f} KiB per added client"
-              f" (personal entries: {high.personal_bytes / 1024:.2f}"
-              f" KiB per client)")
+        if len(mine) >= 2:
+            print(show.perf_memory_line(method, mine[0], mine[-1]))
     return 0
 
 
@@ -495,10 +413,8 @@ def cmd_perf_gpu(args: argparse.Namespace) -> int:
         raise UserError("bench perf gpu needs --data-root (the folder holding the CIFAR-10 (JPEG) tree), or --tiny")
     torch.set_num_threads(args.threads)
     report = run(tiny=args.tiny, data_root=args.data_root, folder=args.folder, device=args.device,
-                 repeats=args.repeats, say=lambda line: print(line, flush=True))
-    print(f"paper run ({report.rounds} rounds) extrapolated: {report.rounds} x one warm round"
-          f" ({report.round_seconds:.1f} s) = {report.paper_run_seconds / 60:.1f} min (data loading and model build"
-          f" not included); benchmark wall time {report.seconds:.0f} s")
+                 repeats=args.repeats, say=show.print_flushed)
+    print(show.perf_gpu_line(report))
     return 0
 
 
@@ -689,9 +605,10 @@ def _add_tune(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .console_study import sweep_progress, sweep_summary
-    from .sweep import run_sweep
+    from .console_study import sweep_line, sweep_progress, sweep_summary
+    from .sweep import parse_shard, run_sweep
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
     progress = None if args.quiet else sweep_progress(show.console, 0)
 
     def on_start(total: int, skipped: int) -> None:
@@ -702,26 +619,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     def on_item(item) -> None:
         if progress is not None:
             acc = "" if item.test_acc_mean is None else f" {item.test_acc_mean:.4f}"
-            progress.update(0, advance=1, last=f"{item.method}/{item.dataset} seed {item.seed}: {item.status}{acc}")
+            done = f"{item.status}{' (resumed)' if item.resumed else ''}"
+            progress.update(0, advance=1, last=f"{item.method}/{item.dataset} seed {item.seed}: {done}{acc}")
 
     try:
         suite = run_sweep(args.suite, workers=args.workers, tracking_uri=args.tracking_uri,
                           experiment=args.experiment, data_root=args.data_root, best_of=args.best_of,
-                          on_start=on_start, on_item=on_item)
+                          shard=shard, heartbeat_timeout=args.heartbeat_timeout, on_start=on_start, on_item=on_item)
     finally:
         if progress is not None:
             progress.stop()
     if not args.quiet:
         sweep_summary(show.console, suite)
-    counts = {s: sum(1 for i in suite.items if i.status == s) for s in ("finished", "skipped", "failed")}
-    print(f"sweep {suite.path.name} runs={len(suite.items)} " + " ".join(f"{k}={v}" for k, v in counts.items()))
-    for item in suite.items:
-        if item.status == "failed":
-            show.err_console.print(f"failed: {item.method}/{item.dataset} seed {item.seed}: {item.error}", markup=False)
-    return 1 if counts["failed"] else 0
+    print(sweep_line(suite))
+    failed = [item for item in suite.items if item.status == "failed"]
+    for item in failed:
+        show.err_console.print(f"failed: {item.method}/{item.dataset} seed {item.seed}: {item.error}", markup=False)
+    return 1 if failed else 0
 
 
 def _add_sweep(sub) -> None:
+    from .claims import HEARTBEAT_TIMEOUT
+
     p = sub.add_parser("sweep", help="run a suite of final runs (datasets x methods x seeds), skipping finished ones")
     p.add_argument("suite", metavar="SUITE.toml", help="the suite file (see README: bench sweep)")
     _add_tracking_arguments(p)
@@ -730,6 +649,11 @@ def _add_sweep(sub) -> None:
                    help="parallel worker processes: one GPU each, or the CPU threads split (default 1)")
     p.add_argument("--best-of", metavar="PATTERN",
                    help="start every run from this tuning study's best config, e.g. '{method}-{dataset}-paper'")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run only the I-th of N parts of the suite, 0 <= I < N (0-based: Slurm's --array=0-(N-1),"
+                        " Kubernetes' JOB_COMPLETION_INDEX)")
+    p.add_argument("--heartbeat-timeout", type=_positive_float, metavar="S",
+                   help=f"take over a run whose claim's heartbeat is older than S seconds (default {HEARTBEAT_TIMEOUT:g})")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     p.set_defaults(func=cmd_sweep)
 
@@ -800,12 +724,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _add_leaderboard(sub) -> None:
+    from .records import Stage
+
     p = sub.add_parser("leaderboard", help="build the leaderboard (README.md, results.csv, index.html) from MLflow runs")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write README.md, results.csv, index.html")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--experiment", default="pflbench", metavar="NAME", help="MLflow experiment (default pflbench)")
-    p.add_argument("--stage", default="final", help="which runs to read (default final: the sweep's runs)")
+    p.add_argument("--stage", default=Stage.FINAL, help="which runs to read (default final: the sweep's runs)")
     p.add_argument("--budget", metavar="TEXT", help="the tuning budget, stated on the page")
     p.add_argument("--no-pending", action="store_true", help="leave out the paper's settings that have no runs")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
@@ -837,16 +763,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame) -> NoReturn:
-    raise Terminated(signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from .experiment import sigterm_as_interrupt
+
     # SIGTERM (kill, timeout, Slurm, docker stop) takes Ctrl-C's path: the run ends KILLED, its records kept.
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        with sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            return args.func(args)
     except UserError as err:
         show.print_error(str(err))
         return 2
@@ -859,8 +783,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # an internal failure: keep the traceback for the bug report
         traceback.print_exc()
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

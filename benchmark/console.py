@@ -7,11 +7,12 @@ plain line on stderr instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -114,6 +115,16 @@ class LoadProgress:
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+@contextlib.contextmanager
+def building_status(quiet: bool = False) -> Iterator[None]:
+    """A spinner while the simulation is built (the data moved to the device, the model made)."""
+    if quiet:
+        yield
+        return
+    with console.status("loading data and building the model"):
+        yield
 
 
 def print_error(message: str) -> None:
@@ -284,6 +295,63 @@ def show_perf_overhead(result) -> None:
                   str(result.tight_steps))
     table.caption = "each client ends its epoch on a partial batch: more, smaller steps for the same samples"
     console.print(table)
+
+
+def perf_overhead_line(result) -> str:
+    ratios = ", ".join(f"{e / t:.3f}" for e, t in zip(result.engine, result.tight))
+    return f"ratio engine / tight loop: {result.ratio:.3f} (per repeat: {ratios})"
+
+
+def print_flushed(line: str) -> None:
+    """A benchmark's progress line, shown at once (long benchmarks print as they go)."""
+    print(line, flush=True)
+
+
+def show_perf_together_repeat(i: int, result) -> None:
+    console.print(f"repeat {i + 1}: sequential {result.sequential[-1]:8.1f} samples/s   together"
+                  f" {result.together[-1]:8.1f} samples/s   ratio {result.ratios[-1]:.3f}", highlight=False)
+
+
+def perf_together_line(method: str, result) -> str:
+    ratios = result.ratios
+    return (f"{method}: sequential {statistics.median(result.sequential):.1f} samples/s, {result.parallel} clients"
+            f" together {statistics.median(result.together):.1f} samples/s; ratio together / sequential"
+            f" {statistics.median(ratios):.3f} (per repeat: {', '.join(f'{r:.3f}' for r in ratios)};"
+            f" {result.samples} samples a side per repeat)")
+
+
+def show_pfedhn_step(label: str, r) -> None:
+    outputs = f"{r.chunks} chunks" if r.chunks else "one output layer per tensor"
+    print(f"{label} {r.mode}: {r.clients} clients a round, {outputs},"
+          f" {r.generated:,} generated values, hypernetwork {r.hn_parameters:,} parameters")
+    print(f"  whole move vs the client's change: cosine {r.cosine:.3f}, size {r.size_ratio:.3f}x")
+    print(f"  hypernetwork's part vs the client's residual: cosine {r.deviation_cosine:.3f},"
+          f" size {r.deviation_size_ratio:.3f}x")
+
+
+_MIB = 2.0**20
+
+
+def show_perf_memory_result(r) -> None:
+    cuda = f"   peak CUDA {r.cuda_peak / _MIB:7.1f} MiB" if r.cuda_peak else ""
+    print(f"{r.method:>9} {r.clients:>6} clients: peak RSS {r.peak_rss / _MIB:7.1f} MiB (before the simulation"
+          f" {r.base_rss / _MIB:6.1f} MiB){cuda}; model {r.model_bytes / 1024:.1f} KiB, personal per client"
+          f" {r.personal_bytes / 1024:.2f} KiB, {r.trained} clients stored")
+
+
+def perf_memory_line(method: str, low, high) -> str:
+    """Peak memory at the most vs the fewest clients, and the growth per added client."""
+    grown = (high.peak_rss - high.base_rss) - (low.peak_rss - low.base_rss)
+    per_client = grown / max(high.trained - low.trained, 1)
+    return (f"{method}: peak RSS {high.clients} / {low.clients} clients = {high.peak_rss / low.peak_rss:.3f};"
+            f" growth {per_client / 1024:.2f} KiB per added client"
+            f" (personal entries: {high.personal_bytes / 1024:.2f} KiB per client)")
+
+
+def perf_gpu_line(report) -> str:
+    return (f"paper run ({report.rounds} rounds) extrapolated: {report.rounds} x one warm round"
+            f" ({report.round_seconds:.1f} s) = {report.paper_run_seconds / 60:.1f} min (data loading and model build"
+            f" not included); benchmark wall time {report.seconds:.0f} s")
 
 
 def show_perf_flops(costs, *, quiet: bool = False) -> None:

@@ -105,8 +105,17 @@ def sweep_summary(console: Console, result: Any) -> None:
         table.add_column(column, justify="right" if column in ("seed", "test_acc_mean") else "left")
     for item in result.items:
         acc = "" if item.test_acc_mean is None else f"{item.test_acc_mean:.4f}"
-        table.add_row(item.dataset, item.method, str(item.seed), item.status, acc, item.run_id or "")
+        status = item.status + (" (resumed)" if getattr(item, "resumed", False) else "")
+        table.add_row(item.dataset, item.method, str(item.seed), status, acc, item.run_id or "")
     console.print(table)
+
+
+def sweep_line(result: Any) -> str:
+    """The final line: runs of the suite (or shard) by outcome; `elsewhere`: run by another process."""
+    counts = {s: sum(1 for i in result.items if i.status == s) for s in ("finished", "skipped", "failed", "elsewhere")}
+    resumed = sum(1 for i in result.items if getattr(i, "resumed", False))
+    return (f"sweep {result.path.name} runs={len(result.items)} " + " ".join(f"{k}={v}" for k, v in counts.items())
+            + f" resumed={resumed}")
 
 
 def leaderboard_summary(console: Console, board: Any, out: str) -> None:

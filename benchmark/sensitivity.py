@@ -25,9 +25,11 @@ from .engine import Callback, Simulation
 from .errors import UserError
 from .reports import sensitivity_csv, sensitivity_png
 from .resolve import RunSpec
-from .tracking import ParentRun, RunRecorder
+from .experiment import Recording, run_experiment
+from .records import Stage, Tag
+from .tracking import ParentRun
 
-STAGE = "sensitivity"
+STAGE = Stage.SENSITIVITY
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def run_sensitivity(
     base_cfg = resolve("fedavg")
     resolve("partial", ["method.personal=head.*"])  # the arms' config is refused now, not after the baseline
     parent = ParentRun(tracking_uri, experiment, run_name=f"sensitivity-{dataset}-s{base_cfg.seed}", stage=STAGE,
-                       tags={"pflbench.dataset": dataset, "pflbench.seed": base_cfg.seed}).prepare()
+                       tags={Tag.DATASET: dataset, Tag.SEED: base_cfg.seed}).prepare()
     baseline = Simulation(base_cfg)
     parts = study_parts(baseline.model)
     parent.params = {"dataset": dataset, "seed": base_cfg.seed, "preset": spec.preset or "", "parts": len(parts),
@@ -134,19 +136,20 @@ def run_sensitivity(
     with parent:
         for part in parts:
             if part.patterns:
-                cfg = resolve("partial", [f"method.personal={','.join(part.patterns)}"])
-                # Same seed and data settings: the baseline's images and partition are reused as they are.
-                sim = Simulation(cfg, images=baseline.images, partition=baseline.partition)
+                arm = spec.with_overrides(f"method.personal={','.join(part.patterns)}")
+                method = "partial"
             else:
-                cfg, sim = base_cfg, baseline
-            recorder = RunRecorder(tracking_uri, experiment, stage=STAGE, run_name=f"{STAGE}-{_slug(part.label)}",
-                                   parent_run_id=parent.run_id,
-                                   extra_tags={"pflbench.sensitivity.part": part.label,
-                                               "pflbench.sensitivity.group": part.group})
-            with recorder:
-                final = sim.run([recorder, *callbacks(part, cfg)]).final.metrics()
+                arm, method = spec, "fedavg"
+            recording = Recording(tracking_uri, experiment, stage=STAGE, run_name=f"{STAGE}-{_slug(part.label)}",
+                                  parent_run_id=parent.run_id,
+                                  tags={Tag.SENSITIVITY_PART: part.label, Tag.SENSITIVITY_GROUP: part.group})
+            # Same seed and data settings: the baseline's images and partition are reused as they are.
+            done = run_experiment(arm, method, dataset, recording=recording, images=baseline.images,
+                                  partition=baseline.partition,
+                                  callbacks=lambda sim, recorder: callbacks(part, sim.cfg))
+            final = done.result.final.metrics()
             results.append(PartResult(part, final["test_acc_mean"], final["test_acc_weighted"],
-                                      sim.num_personal_parameters, recorder.run_id))
+                                      done.sim.num_personal_parameters, done.run_id))
             parent.log_metrics({f"test_acc_mean.{_slug(part.label)}": final["test_acc_mean"]})
         study = SensitivityResult(dataset, base_cfg.seed, results, parent.run_id)
         with tempfile.TemporaryDirectory() as tmp:

@@ -41,6 +41,7 @@ from mlflow.tracking import MlflowClient
 from .config import config_hash, flatten, to_toml
 from .engine import METRIC_NAMES, Callback, RunResult, Simulation
 from .errors import RunStopped, UserError, error_summary
+from .records import TAG_PREFIX, Artifact, Metric as MetricName, Stage, Tag
 from .reports import client_accuracy_csv, learning_curve_png, partition_summary_csv
 
 # MLflow and alembic announce schema migrations at INFO on a new store: noise for a CLI user.
@@ -50,7 +51,6 @@ for _name in ("mlflow", "alembic"):
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_EXPERIMENT = "pflbench"
-TAG_PREFIX = "pflbench."
 
 
 def default_tracking_uri() -> str:
@@ -233,8 +233,8 @@ def _process_start(pid: int) -> str:
 def process_tags() -> dict[str, str]:
     """Tags naming the current process: host, pid and its start time (pids are reused)."""
     pid = os.getpid()
-    return {TAG_PREFIX + "host": socket.gethostname(), TAG_PREFIX + "pid": str(pid),
-            TAG_PREFIX + "pid_start": _process_start(pid)}
+    return {Tag.HOST: socket.gethostname(), Tag.PID: str(pid), Tag.PID_START: _process_start(pid),
+            Tag.HEARTBEAT: f"{time.time():.0f}"}
 
 
 def process_alive(pid: int, start: str = "") -> bool:
@@ -300,11 +300,12 @@ class RunRecorder(Callback):
         tracking_uri: str | None = None,
         experiment: str = DEFAULT_EXPERIMENT,
         *,
-        stage: str = "run",
+        stage: str = Stage.RUN,
         run_name: str | None = None,
         parent_run_id: str | None = None,
         extra_tags: Mapping[str, str] | None = None,
         resume_run_id: str | None = None,
+        claimed_run_id: str | None = None,
     ):
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
@@ -314,8 +315,9 @@ class RunRecorder(Callback):
         self.extra_tags = dict(extra_tags or {})
         self.client: MlflowClient | None = None
         self.experiment_id: str | None = None
-        self.run_id: str | None = resume_run_id
+        self.run_id: str | None = resume_run_id or claimed_run_id
         self.resuming = resume_run_id is not None
+        self.claimed_run_id = claimed_run_id  # a run already created as a sweep's claim: filled, not created
         self.logged_through = 0  # rounds already in the run (a resumed run logs none of them again)
 
     def prepare(self) -> RunRecorder:
@@ -368,22 +370,26 @@ class RunRecorder(Callback):
         tags |= {f"info.{k}": str(v) for k, v in sim.method.run_info().items()}
         all_tags = {TAG_PREFIX + k: v for k, v in tags.items()} | process_tags() | self.extra_tags
         if self.parent_run_id:
-            all_tags["mlflow.parentRunId"] = self.parent_run_id
+            all_tags[Tag.PARENT] = self.parent_run_id
         name = self.run_name or f"{cfg.method.name}-{cfg.dataset.name}-s{cfg.seed}"
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        self.run_id = run.info.run_id
+        if self.claimed_run_id is not None:
+            self.run_id = self.claimed_run_id
+            self.client.update_run(self.run_id, name=name)
+            self.set_tags(all_tags)
+        else:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
         if cfg.run.checkpoint_every:
-            self.client.set_tag(self.run_id, TAG_PREFIX + "checkpoint", str(self.checkpoint_path()))
+            self.client.set_tag(self.run_id, Tag.CHECKPOINT, str(self.checkpoint_path()))
         params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         self._log_dataset(sim)
-        self.client.log_text(self.run_id, to_toml(cfg), "config.toml")
-        self.client.log_text(self.run_id, sim.partition.to_json(), "partition.json")
+        self.client.log_text(self.run_id, to_toml(cfg), Artifact.CONFIG)
+        self.client.log_text(self.run_id, sim.partition.to_json(), Artifact.PARTITION)
         self.client.log_text(
             self.run_id,
             partition_summary_csv(sim.partition, sim.images.labels, sim.images.class_names),
-            "partition_summary.csv",
+            Artifact.PARTITION_SUMMARY,
         )
 
     def _log_dataset(self, sim: Simulation) -> None:
@@ -399,12 +405,12 @@ class RunRecorder(Callback):
     def _continue(self, sim: Simulation) -> None:
         run = self.client.get_run(self.run_id)
         self.experiment_id = run.info.experiment_id
-        history = self.client.get_metric_history(self.run_id, "round_seconds")  # logged every round
+        history = self.client.get_metric_history(self.run_id, MetricName.ROUND_SECONDS)  # logged every round
         self.logged_through = max((m.step for m in history), default=0)
-        resumes = int(run.data.tags.get(TAG_PREFIX + "resumes", "0")) + 1
+        resumes = int(run.data.tags.get(Tag.RESUMES, "0")) + 1
         self.client.update_run(self.run_id, status="RUNNING")
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in
-                                                 (process_tags() | {TAG_PREFIX + "resumes": str(resumes)}).items()])
+                                                 (process_tags() | {Tag.RESUMES: str(resumes)}).items()])
 
     def on_round(self, round_index: int, metrics: Mapping[str, float]) -> None:
         if round_index > self.logged_through:  # MLflow metrics are append-only: never log a round twice
@@ -418,11 +424,11 @@ class RunRecorder(Callback):
             self.client.log_text(
                 self.run_id,
                 client_accuracy_csv(final.test_acc, final.test_count, final.val_acc, final.val_count),
-                "client_accuracy.csv",
+                Artifact.CLIENT_ACCURACY,
             )
             with tempfile.TemporaryDirectory() as tmp:
                 title = f"{sim.cfg.method.name} on {sim.cfg.dataset.name} (seed {sim.cfg.seed})"
-                png = learning_curve_png(result.history, Path(tmp) / "learning_curve.png", title)
+                png = learning_curve_png(result.history, Path(tmp) / Artifact.LEARNING_CURVE, title)
                 self.client.log_artifact(self.run_id, str(png))
 
     # -- direct logging ------------------------------------------------------------
@@ -461,7 +467,7 @@ def _end_run(client: MlflowClient, run_id: str, exc_type, exc) -> None:
         status = "FAILED"
     try:
         if status == "FAILED":  # one line: a CUDA out-of-memory message runs to several
-            client.set_tag(run_id, TAG_PREFIX + "error", error_summary(exc)[:5000])
+            client.set_tag(run_id, Tag.ERROR, error_summary(exc)[:5000])
         client.set_terminated(run_id, status=status)
     except Exception:
         if exc_type is None:
@@ -482,8 +488,7 @@ class ParentRun:
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
         self.run_name = run_name
-        self.tags = {TAG_PREFIX + "stage": stage, TAG_PREFIX + "version": pflbench_version(),
-                     TAG_PREFIX + "git_commit": git_commit()} | {k: str(v) for k, v in (tags or {}).items()}
+        self.tags = {Tag.STAGE: stage, Tag.VERSION: pflbench_version(), Tag.GIT_COMMIT: git_commit()} | {k: str(v) for k, v in (tags or {}).items()}
         self.params = dict(params or {})
         self.client: MlflowClient | None = None
         self.experiment_id: str | None = None
@@ -577,7 +582,7 @@ def find_runs(tracking_uri: str | None, experiment: str, *, stage: str | None = 
     ids = _experiment_ids(client, experiment)
     if not ids:
         return []
-    clauses = [f"tags.`{TAG_PREFIX}stage` = '{stage}'"] if stage else []
+    clauses = [f"tags.`{Tag.STAGE}` = '{stage}'"] if stage else []
     clauses += [f"attributes.status = '{status}'"] if status else []
     clauses += [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
     out, token = [], None
@@ -624,7 +629,7 @@ class ResumableRun:
     config_toml: str  # the run's config.toml artifact
     partition_json: str  # its partition.json artifact
     checkpoint: Path | None  # where its checkpoint was written (None: never checkpointed)
-    alive: bool  # still running in a live process on this host
+    alive: bool  # still running in another live process on this host (a sweep's takeover holds it itself)
 
 
 def resumable_run(tracking_uri: str, run_id: str) -> ResumableRun:
@@ -638,23 +643,24 @@ def resumable_run(tracking_uri: str, run_id: str) -> ResumableRun:
         tags = run.data.tags
         texts = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for name in ("config.toml", "partition.json"):
+            for name in (Artifact.CONFIG, Artifact.PARTITION):
                 try:
                     texts[name] = Path(client.download_artifacts(run_id, name, tmp)).read_text()
                 except (MlflowException, OSError):
                     raise UserError(f"run {run_id} has no {name} artifact; it was not recorded by bench run") from None
         experiment = client.get_experiment(run.info.experiment_id).name
-    path = tags.get(TAG_PREFIX + "checkpoint")
-    return ResumableRun(run_id, experiment, run.info.status, texts["config.toml"], texts["partition.json"],
-                        Path(path) if path else None, run.info.status == "RUNNING" and _judge(tags) == "alive")
+    path = tags.get(Tag.CHECKPOINT)
+    return ResumableRun(run_id, experiment, run.info.status, texts[Artifact.CONFIG], texts[Artifact.PARTITION],
+                        Path(path) if path else None,
+                        run.info.status == "RUNNING" and _judge(tags) == "alive" and tags.get(Tag.PID) != str(os.getpid()))
 
 
 def _judge(tags: Mapping[str, str]) -> str:
     """"alive", "dead" (its process is gone from this host) or "unknown" (another host, or no pid)."""
-    host, pid = tags.get(TAG_PREFIX + "host"), tags.get(TAG_PREFIX + "pid", "")
+    host, pid = tags.get(Tag.HOST), tags.get(Tag.PID, "")
     if host != socket.gethostname() or not pid.isdigit():
         return "unknown"
-    return "alive" if process_alive(int(pid), tags.get(TAG_PREFIX + "pid_start", "")) else "dead"
+    return "alive" if process_alive(int(pid), tags.get(Tag.PID_START, "")) else "dead"
 
 
 @dataclass
@@ -698,8 +704,99 @@ def mark_killed(tracking_uri: str, run_ids: list[str]) -> None:
     client, _ = open_store(tracking_uri)
     with store_errors(tracking_uri):
         for run_id in run_ids:
-            client.set_tag(run_id, TAG_PREFIX + "error", "its process died without ending the run")
+            client.set_tag(run_id, Tag.ERROR, "its process died without ending the run")
             client.set_terminated(run_id, status="KILLED")
+
+
+# ---------------------------------------------------------------------------
+# Claims: the store operations a sweep's claims are made of (the protocol is in claims.py)
+
+
+def holder_alive(tags: Mapping[str, str], timeout: float, now: float | None = None) -> bool:
+    """Whether the process holding a RUNNING run still holds it.
+
+    Gone: its pid no longer runs (judged on its own host only), or, on any
+    host, its heartbeat is older than `timeout` seconds (by this machine's
+    clock: hosts are assumed synchronized to well under the timeout).
+    """
+    if _judge(tags) == "dead":
+        return False
+    try:
+        beat = float(tags.get(Tag.HEARTBEAT, ""))
+    except ValueError:
+        return True  # a run from before heartbeats: nothing says it is gone
+    return (time.time() if now is None else now) - beat <= timeout
+
+
+def create_claim_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> str:
+    """A new RUNNING run holding only `tags` and this process's tags (a sweep's claim); its id."""
+    client, exp_id = open_store(tracking_uri, experiment)
+    with store_errors(tracking_uri):
+        return client.create_run(exp_id, tags=dict(tags) | process_tags()).info.run_id
+
+
+def delete_run(tracking_uri: str, run_id: str) -> None:
+    """Delete a run (a claim given up); deleted runs are invisible to every search here."""
+    with store_errors(tracking_uri):
+        MlflowClient(tracking_uri=tracking_uri).delete_run(run_id)
+
+
+def run_tags(tracking_uri: str, run_id: str) -> tuple[str, dict[str, str]]:
+    """A run's status and tags."""
+    with store_errors(tracking_uri):
+        run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    return run.info.status, dict(run.data.tags)
+
+
+def set_run_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    with store_errors(tracking_uri):
+        MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def hold_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a taken-over run RUNNING in this process's name (a live claim from now on)."""
+    with store_errors(tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in process_tags().items()])
+        client.update_run(run_id, status="RUNNING")
+
+
+def delete_run_tag(tracking_uri: str, run_id: str, key: str) -> None:
+    with store_errors(tracking_uri):
+        MlflowClient(tracking_uri=tracking_uri).delete_tag(run_id, key)
+
+
+class Heartbeat:
+    """Refreshes a run's heartbeat tag every `interval` seconds from a background thread.
+
+    A missed beat (a store briefly unreachable) is not an error: only a
+    heartbeat older than the claim timeout gives the run away.
+    """
+
+    def __init__(self, tracking_uri: str, interval: float):
+        import threading
+
+        self.tracking_uri, self.interval = tracking_uri, interval
+        self.run_id: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="pflbench-heartbeat", daemon=True)
+
+    def start(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._thread.start()
+
+    def _beat(self) -> None:
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        while not self._stop.wait(self.interval):
+            try:
+                client.set_tag(self.run_id, Tag.HEARTBEAT, f"{time.time():.0f}")
+            except Exception:  # noqa: BLE001 - the next beat tries again
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
 
 def search_runs(tracking_uri: str | None = None, experiments: list[str] | None = None,
@@ -712,6 +809,7 @@ def search_runs(tracking_uri: str | None = None, experiments: list[str] | None =
 
 
 __all__ = [
+    "Heartbeat", "create_claim_run", "delete_run", "delete_run_tag", "hold_run", "holder_alive", "run_tags", "set_run_tags",
     "METRIC_NAMES", "ParentRun", "RecordedRun", "ResumableRun", "RunRecord", "RunRecorder", "check_tracking_uri",
     "default_tracking_uri", "ensure_experiment", "experiment_exists", "find_runs", "list_runs", "mark_killed",
     "open_store", "read_text_artifact", "resumable_run", "run_url", "search_runs", "ui_command",

@@ -48,12 +48,14 @@ from ..datasets import DATASETS
 from ..methods import METHODS
 from .config import RunConfig, config_hash, to_toml
 from .device import worker_devices
-from .engine import Callback, Simulation
+from .engine import Callback
 from .errors import RunStopped, TrainingDiverged, UserError, error_summary
 from .resolve import RunSpec
-from .tracking import ParentRun, RunRecorder, default_tracking_uri
+from .experiment import Recording, run_experiment
+from .records import Artifact, Stage, Tag
+from .tracking import ParentRun, default_tracking_uri
 
-STAGE = "tune"
+STAGE = Stage.TUNE
 PRUNERS = ("median", "hyperband", "none")
 PARENT_ATTR = "pflbench.parent_run_id"
 CLAIM_SUFFIX = ".parent-claim"  # a study whose creation elects the worker that makes the MLflow parent
@@ -372,8 +374,7 @@ class _Study:
         """The study's parent run: reopened when the study has one, else created (and trial 0 enqueued)."""
         known = self.study.user_attrs.get(PARENT_ATTR)
         common = dict(experiment=self.req.experiment, run_name=f"tune-{self.name}", stage=STAGE,
-                      tags={"pflbench.study": self.name, "pflbench.method": self.req.method,
-                            "pflbench.dataset": self.req.dataset})
+                      tags={Tag.STUDY: self.name, Tag.METHOD: self.req.method, Tag.DATASET: self.req.dataset})
         if known:
             return ParentRun(self.tracking_uri, run_id=known, **common)
         # Creating a study is atomic in every storage: the worker that creates the claim study makes the parent.
@@ -417,19 +418,21 @@ class _Study:
             raise optuna.TrialPruned()
         params = suggest(trial, self.req.method, self.fixed)
         spec = self.req.spec.with_overrides(*(_as_override(k, v) for k, v in params.items()))
-        cfg = spec.resolve(self.req.method, self.req.dataset)
-        sim = Simulation(cfg, images=self.images(), eval_splits=("val",))
-        recorder = RunRecorder(self.tracking_uri, self.req.experiment, stage=STAGE,
-                               run_name=f"{self.name}-t{trial.number}", parent_run_id=self.parent_run_id,
-                               extra_tags={"pflbench.study": self.name, "pflbench.trial": str(trial.number)})
+        recording = Recording(self.tracking_uri, self.req.experiment, stage=STAGE,
+                              run_name=f"{self.name}-t{trial.number}", parent_run_id=self.parent_run_id,
+                              tags={Tag.STUDY: self.name, Tag.TRIAL: str(trial.number)})
 
         class _Link(Callback):
+            def __init__(self, recorder):
+                self.recorder = recorder
+
             def on_start(self, sim) -> None:
-                trial.set_user_attr(RUN_ATTR, recorder.run_id)
+                trial.set_user_attr(RUN_ATTR, self.recorder.run_id)
 
         try:
-            with recorder:
-                result = sim.run([recorder, _Link(), _Report(trial)])
+            result = run_experiment(spec, self.req.method, self.req.dataset, recording=recording,
+                                    images=self.images(), eval_splits=("val",),
+                                    callbacks=lambda sim, recorder: [_Link(recorder), _Report(trial)]).result
         except RunStopped:
             raise optuna.TrialPruned() from None
         except TrainingDiverged:
@@ -479,11 +482,11 @@ def run_tune(req: TuneRequest, on_update: Callable[[list[TrialRow]], None] | Non
         if best is not None:
             spec = req.spec.with_overrides(*(_as_override(k, v) for k, v in best.params.items()))
             best_config = to_toml(spec.resolve(req.method, req.dataset))
-            parent.log_text(best_config, "best_config.toml")
+            parent.log_text(best_config, Artifact.BEST_CONFIG)
             moved = {"default_val_acc_mean": default.value, "tuning_gain": best.value - default.value} \
                 if default is not None else {}
             parent.log_metrics({"best_val_acc_mean": best.value, "trials": len(rows), **moved})
-            parent.set_tags({"pflbench.best_trial": best.number, "pflbench.best_run_id": best.run_id})
+            parent.set_tags({Tag.BEST_TRIAL: best.number, Tag.BEST_RUN_ID: best.run_id})
             path = Path(f"{st.name}.best_config.toml").resolve()
             path.write_text(best_config)
     per_worker: dict[str, int] = {}

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..benchmark.errors import UserError
+from ..benchmark.records import Artifact, Metric, Stage, Tag
 from . import stats
 
 SETTING_PREFIXES = ("data.", "model.", "dataset.")
@@ -358,7 +359,7 @@ def _add_paper_rows(section: Section, table: PaperTable, methods: Sequence[str])
             cell.pending_text = PENDING_NOTE
 
 
-def build_board(runs: Sequence[RunRow], *, experiment: str, stage: str = "final", budget: str = "",
+def build_board(runs: Sequence[RunRow], *, experiment: str, stage: str = Stage.FINAL, budget: str = "",
                 pending: bool = True, paper: PaperTable | None = None) -> Board:
     """Group, deduplicate and compare; add the paper's settings as pending rows when they have no runs.
 
@@ -416,14 +417,14 @@ def _tag_number(tags: dict[str, str], key: str) -> float:
         return math.nan
 
 
-def collect(tracking_uri: str | None, experiment: str, stage: str = "final") -> list[RunRow]:
+def collect(tracking_uri: str | None, experiment: str, stage: str = Stage.FINAL) -> list[RunRow]:
     """The finished runs of `stage` in `experiment`, with their per-client accuracy."""
     from ..benchmark.tracking import experiment_exists, find_runs, metric_mean, read_text_artifact
 
     if not experiment_exists(tracking_uri, experiment):
         raise UserError(f"no MLflow experiment {experiment!r} in the tracking store; "
                         "run `bench sweep SUITE.toml` first, or pass --experiment / --tracking-uri")
-    records = [r for r in find_runs(tracking_uri, experiment, stage=stage) if "mlflow.parentRunId" not in r.tags]
+    records = [r for r in find_runs(tracking_uri, experiment, stage=stage) if Tag.PARENT not in r.tags]
     if not records:
         raise UserError(f"experiment {experiment!r} has no finished runs of stage {stage!r}; "
                         "run `bench sweep SUITE.toml` first (its runs are stage final)")
@@ -431,13 +432,13 @@ def collect(tracking_uri: str | None, experiment: str, stage: str = "final") -> 
     for r in records:
         tags = r.tags
         rows.append(RunRow(
-            r.run_id, tags.get("pflbench.method", "?"), tags.get("pflbench.dataset", "?"),
-            int(tags.get("pflbench.seed", "0")), r.start_time, r.end_time, r.params, r.metrics,
-            parse_client_accuracy(read_text_artifact(tracking_uri, r.run_id, "client_accuracy.csv")),
-            tags.get("pflbench.version", ""), tags.get("pflbench.git_commit", ""),
-            metric_mean(tracking_uri, r.run_id, "train_samples"),
-            metric_mean(tracking_uri, r.run_id, "train_flops"),
-            _tag_number(tags, "pflbench.parameters"), _tag_number(tags, "pflbench.personal_parameters"),
+            r.run_id, tags.get(Tag.METHOD, "?"), tags.get(Tag.DATASET, "?"),
+            int(tags.get(Tag.SEED, "0")), r.start_time, r.end_time, r.params, r.metrics,
+            parse_client_accuracy(read_text_artifact(tracking_uri, r.run_id, Artifact.CLIENT_ACCURACY)),
+            tags.get(Tag.VERSION, ""), tags.get(Tag.GIT_COMMIT, ""),
+            metric_mean(tracking_uri, r.run_id, Metric.TRAIN_SAMPLES),
+            metric_mean(tracking_uri, r.run_id, Metric.TRAIN_FLOPS),
+            _tag_number(tags, Tag.PARAMETERS), _tag_number(tags, Tag.PERSONAL_PARAMETERS),
         ))
     return rows
 
