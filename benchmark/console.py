@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .records import Metric, Tag
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -392,8 +394,8 @@ def show_runs(runs, *, stale: bool) -> None:
         table.add_column(column, justify="right" if column == "test_acc_mean" else "left")
     for run in runs:
         status = run.status + (f" ({run.process})" if run.process and run.process != "alive" else "")
-        acc = run.metrics.get("test_acc_mean")
-        host = f"{run.tags.get('pflbench.host', '?')} / {run.tags.get('pflbench.pid', '?')}"
+        acc = run.metrics.get(Metric.TEST_ACC_MEAN)
+        host = f"{run.tags.get(Tag.HOST, '?')} / {run.tags.get(Tag.PID, '?')}"
         table.add_row(run.run_id, run.experiment, run.name, status,
                       datetime.fromtimestamp(run.start).strftime("%Y-%m-%d %H:%M"), host,
                       "" if acc is None else f"{acc:.4f}")
