@@ -45,6 +45,8 @@ STAGE = "final"
 DEFAULT_SEEDS = (0, 1, 2)
 _RUN_KEYS = {"dataset", "preset", "overrides", "best_of", "methods", "data_root"}
 _TOP_KEYS = {"description", "experiment", "seeds", "methods", "run", "tune_experiment"}
+TUNED_BY = "pflbench.tuned_by"  # tag of a run started from a study's best config: the study's name
+TUNED_RUN = "pflbench.tuned_run"  # and the id of the study's MLflow parent run
 
 
 @dataclass
@@ -61,6 +63,7 @@ class SweepItem:
     run_id: str | None = None
     test_acc_mean: float | None = None
     error: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags: the tuning study it started from
 
 
 @dataclass
@@ -78,8 +81,8 @@ def _list(value: Any, key: str, kind: type) -> list:
     return value
 
 
-def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -> str:
-    """The `best_config.toml` of a tuning study's parent run, saved under `folder`; its path."""
+def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -> tuple[str, str]:
+    """The `best_config.toml` of a tuning study's parent run, saved under `folder`: its path and that run's id."""
     parents = [r for r in find_runs(tracking_uri, experiment, stage="tune", status=None,
                                     tags={"pflbench.study": study}) if "mlflow.parentRunId" not in r.tags]
     for parent in reversed(parents):
@@ -87,7 +90,7 @@ def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -
         if text is not None:
             path = folder / f"{study}.toml"
             path.write_text(text)
-            return str(path)
+            return str(path), parent.run_id
     raise UserError(f"best_of: no best config of tuning study {study!r} in experiment {experiment!r};"
                     f" run `bench tune ... --study {study}` first")
 
@@ -130,16 +133,18 @@ def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_f
             registered = method in METHODS.names()
             if not (registered or allow_unregistered):
                 METHODS.get(method)  # an unknown name lists the valid ones
-            config_file = None
+            config_file, tags = None, {}
             pattern = best_of or run.get("best_of")
             if pattern:
                 study = str(pattern).format(method=method, dataset=dataset)
-                config_file = _best_config(tracking_uri, tune_experiment, study, config_folder)
+                config_file, parent = _best_config(tracking_uri, tune_experiment, study, config_folder)
+                tags = {TUNED_BY: study, TUNED_RUN: parent}  # the leaderboard's evidence names the study
             for seed in seeds:
                 spec = RunSpec(preset=run.get("preset"), config_file=config_file, overrides=overrides, seed=seed,
                                data_root=run.get("data_root", data_root))
                 cfg = spec.resolve(method if registered else "fedavg", dataset)
-                suite.items.append(SweepItem(method, dataset, seed, spec, config_hash(cfg), registered=registered))
+                suite.items.append(SweepItem(method, dataset, seed, spec, config_hash(cfg), registered=registered,
+                                             tags=tags))
     return suite
 
 
@@ -156,12 +161,13 @@ def skip_finished(suite: Suite, tracking_uri: str, experiment: str) -> list[Swee
     return todo
 
 
-def _run_one(method: str, dataset: str, spec: RunSpec, tracking_uri: str, experiment: str) -> dict[str, Any]:
-    """One final run, recorded in MLflow; used in this process or in a worker."""
+def _run_one(method: str, dataset: str, spec: RunSpec, tracking_uri: str, experiment: str,
+             tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """One final run, recorded in MLflow (with the extra `tags`); used in this process or in a worker."""
     from .engine import Simulation
 
     cfg = spec.resolve(method, dataset)
-    recorder = RunRecorder(tracking_uri, experiment, stage=STAGE)
+    recorder = RunRecorder(tracking_uri, experiment, stage=STAGE, extra_tags=tags)
     try:
         with recorder:  # ends the MLflow run FAILED, with the error as a tag, on any exception
             result = Simulation(cfg).run([recorder])
@@ -215,7 +221,7 @@ def run_sweep(
 
         if workers == 1 or len(todo) <= 1:
             for item in todo:
-                finish(item, _run_one(item.method, item.dataset, item.spec, uri, exp))
+                finish(item, _run_one(item.method, item.dataset, item.spec, uri, exp, item.tags))
             return suite
         ensure_experiment(uri, exp)  # before the workers race to create store and experiment
         ctx = multiprocessing.get_context("spawn")
@@ -228,7 +234,7 @@ def run_sweep(
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(devices, threads)) as pool:
-            pending = {pool.submit(_run_one, it.method, it.dataset, it.spec, uri, exp): it for it in todo}
+            pending = {pool.submit(_run_one, it.method, it.dataset, it.spec, uri, exp, it.tags): it for it in todo}
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
