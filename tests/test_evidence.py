@@ -168,3 +168,19 @@ def test_a_bad_evidence_file_is_one_line_and_exit_2(capsys, tmp_path, content, f
 def test_from_refuses_store_options(capsys, tmp_path):
     assert main(["leaderboard", "--from", "runs.jsonl", "--experiment", "x", "--out", str(tmp_path)]) == 2
     assert "drop --experiment" in capsys.readouterr().err
+
+
+def test_a_run_recorded_without_its_studys_tag_is_matched_to_the_study_by_its_tuned_settings(capsys, tracking_uri,
+                                                                                            tmp_path):
+    fixed = [*TINY, "train.local_epochs=1", "train.momentum=0.0", "train.weight_decay=0.0"]
+    assert main(["tune", "--method", "fedavg", "--dataset", "digits", "--preset", "smoke", "--trials", "2",
+                 "--study", "fedavg-small", "--quiet", *(a for o in fixed for a in ("--set", o))]) == 0
+    # As runs made before the sweep tagged them: the best config run by hand, and one with another lr.
+    best = tmp_path / "fedavg-small.best_config.toml"
+    assert main(["run", "--config", str(best), "--seed", "1", "--quiet"]) == 0
+    assert main(["run", "--config", str(best), "--seed", "2", "--set", "train.lr=0.1234", "--quiet"]) == 0
+    assert main(["leaderboard", "--out", str(tmp_path / "board"), "--stage", "run", "--no-pending", "--quiet"]) == 0
+    _, records = evidence.loads((tmp_path / "board" / "runs.jsonl").read_text())
+    by_seed = {r["seed"]: r["tuning"] for r in records}
+    assert by_seed[1]["study"] == "fedavg-small" and by_seed[1]["found_by"] == "config"
+    assert by_seed[2] is None  # its settings are not the study's choice
