@@ -330,7 +330,7 @@ def cell_configs(board: Board, records: Sequence[dict[str, Any]]) -> dict[str, s
                              + ("" if val is None else f" (val_acc_mean {val:.4f})"))
             lines.append(f"# rerun one on the CPU: bench run --config {CONFIGS}/{name} --seed "
                          f"{same[0]['seed']} --device cpu [--data-root DIR]")
-            out[name] = "\n".join(lines) + "\n" + newest["config"]
+            out[name] = "\n".join(lines) + "\n" + same[0]["config"]  # the first seed's: `seed =` as in the comment
     return out
 
 
