@@ -709,13 +709,24 @@ def _add_plan(sub) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from ..leaderboard.build import build_board, collect, write_board
+    from ..leaderboard import evidence
     from .console_study import leaderboard_summary
+    from .records import Stage
+    from .tracking import DEFAULT_EXPERIMENT
 
-    runs = collect(args.tracking_uri, args.experiment, args.stage)
-    board = build_board(runs, experiment=args.experiment, stage=args.stage, budget=args.budget or "",
-                        pending=not args.no_pending)
-    write_board(board, args.out)
+    if args.source:  # the evidence file alone: no store is read
+        given = [flag for flag, value in (("--tracking-uri", args.tracking_uri), ("--experiment", args.experiment),
+                                          ("--stage", args.stage)) if value is not None]
+        if given:
+            raise UserError(f"--from builds from the evidence file alone; drop {', '.join(given)}")
+        text = evidence.read_text(args.source)
+        board, _ = evidence.publish(text, args.out, budget=args.budget,
+                                    pending=False if args.no_pending else None)
+    else:
+        experiment, stage = args.experiment or DEFAULT_EXPERIMENT, args.stage or Stage.FINAL
+        records = evidence.store_records(args.tracking_uri, experiment, stage)
+        text = evidence.dumps(evidence.header(experiment, stage, args.budget or "", not args.no_pending), records)
+        board, _ = evidence.publish(text, args.out)
     if not args.quiet:
         leaderboard_summary(show.console, board, args.out)
     cells = sum(1 for s in board.sections for c in s.cells if c.n)
@@ -724,14 +735,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _add_leaderboard(sub) -> None:
-    from .records import Stage
-
     p = sub.add_parser("leaderboard", help="build the leaderboard (README.md, results.csv, index.html) from MLflow runs")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write README.md, results.csv, index.html")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to write README.md, results.csv, index.html, runs.jsonl and configs/")
+    p.add_argument("--from", dest="source", metavar="RUNS.jsonl",
+                   help="rebuild from a leaderboard's evidence file alone (runs.jsonl or runs.jsonl.gz), no store")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--experiment", default="pflbench", metavar="NAME", help="MLflow experiment (default pflbench)")
-    p.add_argument("--stage", default=Stage.FINAL, help="which runs to read (default final: the sweep's runs)")
+    p.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default pflbench)")
+    p.add_argument("--stage", help="which runs to read (default final: the sweep's runs)")
     p.add_argument("--budget", metavar="TEXT", help="the tuning budget, stated on the page")
     p.add_argument("--no-pending", action="store_true", help="leave out the paper's settings that have no runs")
     p.add_argument("--quiet", action="store_true", help="print only the final line")

@@ -131,7 +131,8 @@ def leaderboard_summary(console: Console, board: Any, out: str) -> None:
             table.add_row(cell.method, str(cell.n), cell.acc_text, *reported, cell.vs_best_text, cell.worst_text,
                           cell.bytes_text)
         console.print(table)
-    console.print(f"written: {out}/README.md, {out}/results.csv, {out}/index.html", highlight=False)
+    evidence = f", {out}/{board.evidence}, {out}/configs/" if board.evidence else ""
+    console.print(f"written: {out}/README.md, {out}/results.csv, {out}/index.html{evidence}", highlight=False)
 
 
 def show_plan(console: Console, plan: Any) -> None:

@@ -48,6 +48,8 @@ class Tag:
     TRIAL = tag("trial")
     BEST_TRIAL = tag("best_trial")
     BEST_RUN_ID = tag("best_run_id")
+    TUNED_BY = tag("tuned_by")  # a final run started from a study's best config: the study's name
+    TUNED_RUN = tag("tuned_run")  # and the id of the study's MLflow parent run
     SENSITIVITY_PART = tag("sensitivity.part")
     SENSITIVITY_GROUP = tag("sensitivity.group")
     # The process holding a RUNNING run (its claim): see `claims.py`.

@@ -71,6 +71,7 @@ class SweepItem:
     run_id: str | None = None
     test_acc_mean: float | None = None
     error: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags: the tuning study it started from
 
 
 @dataclass
@@ -88,8 +89,8 @@ def _list(value: Any, key: str, kind: type) -> list:
     return value
 
 
-def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -> str:
-    """The `best_config.toml` of a tuning study's parent run, saved under `folder`; its path."""
+def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -> tuple[str, str]:
+    """The `best_config.toml` of a tuning study's parent run, saved under `folder`: its path and that run's id."""
     parents = [r for r in find_runs(tracking_uri, experiment, stage=Stage.TUNE, status=None,
                                     tags={Tag.STUDY: study}) if Tag.PARENT not in r.tags]
     for parent in reversed(parents):
@@ -97,7 +98,7 @@ def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -
         if text is not None:
             path = folder / f"{study}.toml"
             path.write_text(text)
-            return str(path)
+            return str(path), parent.run_id
     raise UserError(f"best_of: no best config of tuning study {study!r} in experiment {experiment!r};"
                     f" run `bench tune ... --study {study}` first")
 
@@ -140,16 +141,18 @@ def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_f
             registered = method in METHODS.names()
             if not (registered or allow_unregistered):
                 METHODS.get(method)  # an unknown name lists the valid ones
-            config_file = None
+            config_file, tags = None, {}
             pattern = best_of or run.get("best_of")
             if pattern:
                 study = str(pattern).format(method=method, dataset=dataset)
-                config_file = _best_config(tracking_uri, tune_experiment, study, config_folder)
+                config_file, parent = _best_config(tracking_uri, tune_experiment, study, config_folder)
+                tags = {Tag.TUNED_BY: study, Tag.TUNED_RUN: parent}  # the leaderboard's evidence names the study
             for seed in seeds:
                 spec = RunSpec(preset=run.get("preset"), config_file=config_file, overrides=overrides, seed=seed,
                                data_root=run.get("data_root", data_root))
                 cfg = spec.resolve(method if registered else "fedavg", dataset)
-                suite.items.append(SweepItem(method, dataset, seed, spec, config_hash(cfg), registered=registered))
+                suite.items.append(SweepItem(method, dataset, seed, spec, config_hash(cfg), registered=registered,
+                                             tags=tags))
     return suite
 
 
@@ -167,8 +170,9 @@ def skip_finished(suite: Suite, tracking_uri: str, experiment: str) -> list[Swee
 
 
 def _run_one(method: str, dataset: str, spec: RunSpec, config_hash: str, tracking_uri: str, experiment: str,
-             timeout: float) -> dict[str, Any]:
-    """Claim one final run and run (or continue) it, recorded in MLflow; used in this process or in a worker."""
+             timeout: float, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Claim one final run and run (or continue) it, recorded in MLflow with the extra `tags`; used in this
+    process or in a worker."""
     from .claims import claim, heartbeat_interval
     from .experiment import Recording, run_experiment
 
@@ -178,7 +182,8 @@ def _run_one(method: str, dataset: str, spec: RunSpec, config_hash: str, trackin
         return {"status": "elsewhere" if got.kind == "finished" else "held", "run_id": got.run_id}
     resume = got.run_id if got.kind == "resume" else None
     try:
-        done = run_experiment(spec, method, dataset, recording=Recording(tracking_uri, experiment, stage=STAGE),
+        done = run_experiment(spec, method, dataset,
+                              recording=Recording(tracking_uri, experiment, stage=STAGE, tags=dict(tags or {})),
                               resume=resume, claimed_run_id=got.run_id if resume is None else None,
                               heartbeat=heartbeat_interval(timeout))
     except TrainingDiverged as err:
@@ -257,7 +262,7 @@ def run_sweep(
                 on_item(item)
 
         def run(item: SweepItem) -> dict[str, Any]:
-            return _run_one(item.method, item.dataset, item.spec, item.config_hash, uri, exp, timeout)
+            return _run_one(item.method, item.dataset, item.spec, item.config_hash, uri, exp, timeout, item.tags)
 
         if workers == 1 or len(todo) <= 1:
             for item in todo:
@@ -288,7 +293,7 @@ def _run_pool(todo: list[SweepItem], workers: int, uri: str, exp: str, timeout: 
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(devices, threads)) as pool:
-        pending = {pool.submit(_run_one, it.method, it.dataset, it.spec, it.config_hash, uri, exp, timeout): it
+        pending = {pool.submit(_run_one, it.method, it.dataset, it.spec, it.config_hash, uri, exp, timeout, it.tags): it
                    for it in todo}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -604,6 +604,27 @@ def metric_mean(tracking_uri: str | None, run_id: str, key: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def metric_histories(tracking_uri: str | None, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Every logged value of each metric in `keys` as (step, value), by step, then in the order logged."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    out = {}
+    for key in sorted(keys):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = [(int(m.step), float(m.value)) for m in history]
+    return out
+
+
+def get_run_record(tracking_uri: str | None, run_id: str) -> RunRecord | None:
+    """One run by its id, whatever its experiment, stage or status; None when the store has no such run."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    return RunRecord(run.info.run_id, int(run.info.start_time or 0), run.info.status, int(run.info.end_time or 0),
+                     dict(run.data.tags), dict(run.data.params), dict(run.data.metrics))
+
+
 def read_text_artifact(tracking_uri: str | None, run_id: str, name: str) -> str | None:
     """The text of artifact `name` of a run; None when the run has no such artifact."""
     client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
@@ -811,6 +832,7 @@ def search_runs(tracking_uri: str | None = None, experiments: list[str] | None =
 __all__ = [
     "Heartbeat", "create_claim_run", "delete_run", "delete_run_tag", "hold_run", "holder_alive", "run_tags", "set_run_tags",
     "METRIC_NAMES", "ParentRun", "RecordedRun", "ResumableRun", "RunRecord", "RunRecorder", "check_tracking_uri",
-    "default_tracking_uri", "ensure_experiment", "experiment_exists", "find_runs", "list_runs", "mark_killed",
-    "open_store", "read_text_artifact", "resumable_run", "run_url", "search_runs", "ui_command",
+    "default_tracking_uri", "ensure_experiment", "experiment_exists", "find_runs", "get_run_record", "list_runs",
+    "mark_killed", "metric_histories", "open_store", "read_text_artifact", "resumable_run", "run_url", "search_runs",
+    "ui_command",
 ]

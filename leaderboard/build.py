@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..benchmark.errors import UserError
-from ..benchmark.records import Artifact, Metric, Stage, Tag
+from ..benchmark.records import Stage
 from . import stats
 
 SETTING_PREFIXES = ("data.", "model.", "dataset.")
@@ -228,6 +228,7 @@ class Board:
     commits: list[str]
     budget: str = ""
     paper: PaperTable | None = None
+    evidence: str = ""  # the evidence file written beside the page (evidence.py), if any
 
 
 def _count(value: float) -> str:
@@ -410,37 +411,11 @@ def parse_client_accuracy(text: str | None) -> list[float]:
     return [float(row["test_acc"]) for row in csv.DictReader(io.StringIO(text)) if row.get("test_acc")]
 
 
-def _tag_number(tags: dict[str, str], key: str) -> float:
-    try:
-        return float(tags[key])
-    except (KeyError, ValueError):
-        return math.nan
-
-
 def collect(tracking_uri: str | None, experiment: str, stage: str = Stage.FINAL) -> list[RunRow]:
     """The finished runs of `stage` in `experiment`, with their per-client accuracy."""
-    from ..benchmark.tracking import experiment_exists, find_runs, metric_mean, read_text_artifact
+    from .evidence import store_records, to_row  # one reading of the store: the evidence records
 
-    if not experiment_exists(tracking_uri, experiment):
-        raise UserError(f"no MLflow experiment {experiment!r} in the tracking store; "
-                        "run `bench sweep SUITE.toml` first, or pass --experiment / --tracking-uri")
-    records = [r for r in find_runs(tracking_uri, experiment, stage=stage) if Tag.PARENT not in r.tags]
-    if not records:
-        raise UserError(f"experiment {experiment!r} has no finished runs of stage {stage!r}; "
-                        "run `bench sweep SUITE.toml` first (its runs are stage final)")
-    rows = []
-    for r in records:
-        tags = r.tags
-        rows.append(RunRow(
-            r.run_id, tags.get(Tag.METHOD, "?"), tags.get(Tag.DATASET, "?"),
-            int(tags.get(Tag.SEED, "0")), r.start_time, r.end_time, r.params, r.metrics,
-            parse_client_accuracy(read_text_artifact(tracking_uri, r.run_id, Artifact.CLIENT_ACCURACY)),
-            tags.get(Tag.VERSION, ""), tags.get(Tag.GIT_COMMIT, ""),
-            metric_mean(tracking_uri, r.run_id, Metric.TRAIN_SAMPLES),
-            metric_mean(tracking_uri, r.run_id, Metric.TRAIN_FLOPS),
-            _tag_number(tags, Tag.PARAMETERS), _tag_number(tags, Tag.PERSONAL_PARAMETERS),
-        ))
-    return rows
+    return [to_row(r) for r in store_records(tracking_uri, experiment, stage)]
 
 
 # ---------------------------------------------------------------------------
@@ -533,6 +508,11 @@ def _provenance(board: Board) -> list[str]:
                  f" {', '.join(board.commits) or 'unknown'} (as recorded by the runs).")
     if board.budget:
         lines.append(f"Tuning budget: {board.budget}.")
+    if board.evidence:
+        lines.append(f"Evidence: {board.evidence} holds every run behind the page (its config, partition hash, "
+                     f"per-round metrics, per-client accuracies and tuning study); `bench leaderboard --from "
+                     f"{board.evidence} --out DIR` rebuilds the page from it alone. configs/ holds each cell's "
+                     f"config: `bench run --config configs/CELL.toml --seed S --device cpu` reruns one of its runs.")
     lines.append(f"Accuracy is the mean over clients of each client's personalized test accuracy, final round; "
                  f"± is the half-width of a {stats.INTERVAL_METHOD} (n = seeds). \"vs best\": "
                  f"{stats.PAIRED_METHOD} (a seed fixes the partition for every method); ≈ = not distinguishable "

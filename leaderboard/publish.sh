@@ -76,7 +76,7 @@ if [[ ${2:-build} == build ]]; then
   if (( TRIALS > 0 )); then paper="$TRIALS trials each, on $TUNE_ROUNDS rounds with a 15% validation split"
   else paper="the reference code's hyperparameters, untuned, as the paper ran them"; fi
   mkdir -p "$OUT"
-  rm -f "$OUT"/pareto-*.png  # plots of settings no longer published
+  rm -f "$OUT"/pareto-*.png "$OUT"/configs/*.toml  # plots and configs of cells no longer published
   $BENCH leaderboard --experiment leaderboard --out "$OUT" \
     --budget "every method tuned with the same Optuna TPE budget on validation data, $TRIALS_DIGITS trials on digits and $TRIALS_CIFAR10 on CIFAR-10 (trial 0 = its defaults, about a third random starts, the rest TPE; lr, momentum, weight decay and, on digits, batch size, plus the method's own space; budget keys such as epochs, fine-tuning length and plugin width are never searched), then its best config on the test split: seeds 0-4 on digits, 0-2 on CIFAR-10. digits: the demo preset cut to 10 rounds, 2 local epochs. CIFAR-10 (JPEG, image folder): trials on 5 of cpu-cifar10's 20 rounds, final runs on all 20; local epochs 1 and batch 64. Run on a 2-core CPU. The paper's settings (paper-* presets, on a GPU, when run): $paper"
   # How a browser renders the page (headless Chromium), where one is installed.

@@ -81,3 +81,5 @@ best_of = "{method}-small"
     assert code == 0, err
     (run,) = find_runs(tracking_uri, "pflbench", stage="final")
     assert read_text_artifact(tracking_uri, run.run_id, "config.toml") == best.replace("seed = 0", "seed = 5")
+    # The run names the study it started from (the leaderboard's evidence file reports it).
+    assert run.tags["pflbench.tuned_by"] == "fedavg-small" and run.tags["pflbench.tuned_run"] == parent
