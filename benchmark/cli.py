@@ -20,6 +20,7 @@ from typing import Callable, NoReturn, Sequence
 
 from . import console as show
 from .errors import Terminated, TrainingDiverged, UserError
+from .registry import report_plugin_errors
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,9 +98,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ..methods import METHODS
     from .config import list_presets
 
+    def origin(registry, name: str) -> str:
+        return f" (plug-in from {registry.plugins[name]})" if name in registry.plugins else ""
+
     show.show_list([
-        ("methods", {n: METHODS.get(n).description() for n in METHODS}),
-        ("datasets", {n: DATASETS.get(n).description for n in DATASETS}),
+        ("methods", {n: METHODS.get(n).description() + origin(METHODS, n) for n in METHODS}),
+        ("datasets", {n: DATASETS.get(n).description + origin(DATASETS, n) for n in DATASETS}),
         ("presets", list_presets()),
         ("partitions", {n: PARTITIONERS.get(n).description for n in PARTITIONERS}),
     ])
@@ -844,6 +848,7 @@ def _terminate(signum, frame) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (kill, timeout, Slurm, docker stop) takes Ctrl-C's path: the run ends KILLED, its records kept.
     previous = signal.signal(signal.SIGTERM, _terminate)
+    report_plugin_errors(show.print_warning)  # a broken plug-in: one line, and the rest keep working
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
