@@ -72,6 +72,15 @@ def _check_output_file(path: str, option: str, suffixes: Sequence[str] = ()) -> 
         raise UserError(f"{option} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or target.exists() and not os.access(target, os.W_OK):
         raise UserError(f"{option} {path}: not writable")
+    existed = target.exists()
+    try:  # permissions do not tell everything (root, /proc, a read-only mount): try it
+        with open(target, "ab"):
+            pass
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write there ({err.strerror})") from None
+    finally:
+        if not existed:
+            target.unlink(missing_ok=True)
     return target
 
 
@@ -190,7 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .tracking import RunRecorder
 
     tags = dict(args.tags)
-    recorder = RunRecorder(args.tracking_uri, args.experiment, run_name=args.run_name, extra_tags=tags).prepare()
+    recorder = RunRecorder(args.tracking_uri, args.experiment or "pflbench", run_name=args.run_name,
+                           extra_tags=tags).prepare()
     return _train(args, cfg, recorder)
 
 
@@ -201,7 +211,8 @@ def _resume(args: argparse.Namespace) -> int:
 
     given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset), ("--preset", args.preset),
                                   ("--config", args.config), ("--seed", args.seed), ("--set", args.overrides),
-                                  ("--run-name", args.run_name), ("--tag", args.tags), ("--dry-run", args.dry_run))
+                                  ("--run-name", args.run_name), ("--tag", args.tags), ("--dry-run", args.dry_run),
+                                  ("--experiment", args.experiment))
              if v is not None and v != [] and v is not False]
     if given:
         raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
@@ -277,6 +288,7 @@ def _add_run(sub) -> None:
     p.add_argument("--dataset", help="dataset name (`bench list`); optional with a --config that names it")
     _add_config_arguments(p)
     _add_tracking_arguments(p)
+    p.set_defaults(experiment=None)  # None = pflbench; with --resume it is refused (the run keeps its own)
     p.add_argument("--run-name", metavar="NAME", help="MLflow run name (default METHOD-DATASET-sSEED)")
     p.add_argument("--tag", dest="tags", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                    help="an extra MLflow tag on the run (repeatable)")
@@ -323,8 +335,11 @@ def cmd_partition(args: argparse.Namespace) -> int:
     show.show_partition(partition, images, label_skew(counts), label_skew(counts.sum(axis=0, keepdims=True)), counts,
                         f"{cfg.dataset.name}: {partition.num_clients} clients, {_scheme(cfg)}")
     if args.plot:
-        path = partition_heatmap_png(counts, images.class_names, args.plot,
-                                     f"{cfg.dataset.name}: {_scheme(cfg)}")
+        try:
+            path = partition_heatmap_png(counts, images.class_names, args.plot,
+                                         f"{cfg.dataset.name}: {_scheme(cfg)}")
+        except OSError as err:
+            raise UserError(f"cannot write {args.plot}: {err.strerror}") from None
         show.print_plain(f"heatmap: {path}")
     if args.save:
         try:
@@ -458,6 +473,8 @@ def cmd_perf_memory(args: argparse.Namespace) -> int:
     from .perf.memory import measure
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UserError("bad --methods: give at least one method name")
     for method in methods:
         METHODS.get(method)  # an unknown name lists the valid ones
     try:
@@ -552,7 +569,7 @@ def _add_perf(sub) -> None:
     t.add_argument("--method", default="fedavg", help="method (default fedavg)")
     t.add_argument("--preset", help="preset (default: the dataset's own)")
     t.add_argument("--parallel", type=int, default=0, help="clients trained together; 0 = a whole round (default)")
-    t.add_argument("--rounds", type=int, default=1, help="timed rounds per side and repeat (default 1)")
+    t.add_argument("--rounds", type=_positive_int, default=1, help="timed rounds per side and repeat (default 1)")
     t.set_defaults(func=cmd_perf_together)
 
     m = perf.add_parser("memory", help="peak memory with few vs many clients, each measured in its own process")
@@ -596,8 +613,9 @@ def _add_perf(sub) -> None:
     g.add_argument("--data-root", metavar="DIR", help="folder holding the CIFAR-10 (JPEG) tree")
     g.add_argument("--folder", default="cifar10-jpeg", help="the image folder below --data-root (default cifar10-jpeg)")
     g.add_argument("--device", default="auto", help="auto (default), cuda or cpu")
-    g.add_argument("--repeats", type=int, default=2, help="alternating repeats of each comparison (default 2)")
-    g.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    g.add_argument("--repeats", type=_positive_int, default=2,
+                   help="alternating repeats of each comparison (default 2)")
+    g.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
     g.add_argument("--tiny", action="store_true", help="a digits-sized model on the bundled digits, on the CPU:"
                                                          " checks the whole script in seconds")
     g.set_defaults(func=cmd_perf_gpu)
@@ -608,11 +626,12 @@ def _add_perf(sub) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from .tracking import default_tracking_uri, list_runs, mark_killed
+    from .tracking import default_tracking_uri, list_runs, mark_killed, require_store
 
     if args.mark_killed and not args.stale:
         raise UserError("--mark-killed goes with --stale")
     uri = args.tracking_uri or default_tracking_uri()
+    require_store(uri)  # reading (or closing runs in) a store: a mistyped path is not created
     runs = list_runs(uri, stale=args.stale, limit=args.limit)
     show.show_runs(runs, stale=args.stale)
     if args.mark_killed and runs:
@@ -641,7 +660,7 @@ def _add_runs(sub) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .console_study import TrialsLive, tune_summary
-    from .tuning import TuneRequest, budget_keys, run_tune
+    from .tuning import TuneRequest, budget_keys, check_request, run_tune
 
     budget_keys(args.method, args.search_budget)  # a bad --search-budget is refused before any work
 
@@ -649,6 +668,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       pruner=args.pruner, timeout=args.timeout, workers=args.workers,
                       search_budget=tuple(args.search_budget), tracking_uri=args.tracking_uri,
                       experiment=args.experiment)
+    check_request(req)  # before the live table starts
     if args.quiet:
         result = run_tune(req)
     else:
@@ -679,7 +699,7 @@ def _add_tune(sub) -> None:
                         " default: a journal file beside the MLflow store")
     p.add_argument("--study", metavar="NAME", help="study name (default: METHOD-DATASET-<config hash>)")
     p.add_argument("--pruner", choices=PRUNERS, default="median", help="stop bad trials early (default median)")
-    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--timeout", type=_positive_float, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes on this machine (default 1)")
     p.add_argument("--search-budget", action="append", default=[], metavar="KEY",
                    help="search a budget key all the same (e.g. train.local_epochs); repeatable."
@@ -791,7 +811,12 @@ def _add_plan(sub) -> None:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from ..leaderboard.build import build_board, collect, write_board
     from .console_study import leaderboard_summary
+    from .tracking import default_tracking_uri, require_store
 
+    if not args.out.strip():
+        raise UserError("--out is empty; give the folder to write the leaderboard to")
+    _check_output_dir(args.out, "--out")
+    require_store(args.tracking_uri or default_tracking_uri())  # reading only: a mistyped path is not created
     runs = collect(args.tracking_uri, args.experiment, args.stage)
     board = build_board(runs, experiment=args.experiment, stage=args.stage, budget=args.budget or "",
                         pending=not args.no_pending)

@@ -131,6 +131,15 @@ def check_tracking_uri(tracking_uri: str) -> None:
             raise UserError(f"tracking store {db if db.exists() else folder} is read-only")
 
 
+def require_store(tracking_uri: str) -> None:
+    """For a command that only reads a store: refuse an SQLite store that does not exist yet
+    (a mistyped path), instead of creating an empty one."""
+    check_tracking_uri(tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
+        raise UserError(f"no MLflow store at {db} (nothing was recorded there); check --tracking-uri")
+
+
 def check_experiment_name(name: str) -> None:
     if not name or not name.strip():
         raise UserError("the experiment name is empty; pass --experiment NAME")
@@ -726,5 +735,5 @@ def search_runs(tracking_uri: str | None = None, experiments: list[str] | None =
 __all__ = [
     "METRIC_NAMES", "ParentRun", "RecordedRun", "ResumableRun", "RunRecord", "RunRecorder", "check_tracking_uri",
     "default_tracking_uri", "ensure_experiment", "experiment_exists", "find_runs", "list_runs", "mark_killed",
-    "open_store", "read_text_artifact", "resumable_run", "run_url", "search_runs", "ui_command",
+    "open_store", "read_text_artifact", "require_store", "resumable_run", "run_url", "search_runs", "ui_command",
 ]

@@ -47,7 +47,7 @@ from optuna.trial import TrialState
 from ..datasets import DATASETS
 from ..methods import METHODS
 from .config import RunConfig, config_hash, to_toml
-from .device import worker_devices
+from .device import check_workers, worker_devices
 from .engine import Callback, Simulation
 from .errors import RunStopped, TrainingDiverged, UserError, error_summary
 from .resolve import RunSpec
@@ -187,7 +187,16 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = Path(url[len("journal://"):] if url.startswith("journal:///") else url)
         if not path.parent.is_dir():
             raise UserError(f"bad --storage {url!r}: folder {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
+        if path.is_dir():
+            raise UserError(f"bad --storage {url!r}: {path} is a folder; give a journal file's path")
+        try:
+            storage = JournalStorage(JournalFileBackend(str(path)))
+            storage.get_all_studies()  # reads the whole journal: a file of something else fails here
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"bad --storage {url!r}: not an Optuna journal file ({error_summary(err)})") from None
+        except OSError as err:
+            raise UserError(f"bad --storage {url!r}: {err.strerror}") from None
+        return storage
     scheme = url.split("://", 1)[0].split("+", 1)[0]
     if scheme not in ("postgresql", "mysql", "sqlite"):
         raise UserError(f"unknown storage scheme {scheme!r} in --storage; use postgresql://USER@HOST/DB, "
@@ -279,6 +288,28 @@ class TuneRequest:
         return cls(**{**data, "spec": RunSpec(**data["spec"]), "search_budget": tuple(data["search_budget"])})
 
 
+def check_request(req: TuneRequest) -> set[str]:
+    """Refuse a request that cannot run or would do nothing useful, before any work; the fixed keys."""
+    if req.trials < 1:
+        raise UserError(f"bad --trials {req.trials}: must be >= 1")
+    check_workers(req.workers)
+    if req.timeout is not None and not (math.isfinite(req.timeout) and req.timeout > 0):
+        raise UserError(f"bad --timeout {req.timeout}: must be a finite number of seconds > 0")
+    if req.study is not None:
+        name = req.study
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise UserError(f"bad --study {name!r}: it names a file (NAME.best_config.toml), so it cannot be"
+                            " empty or hold '/' or '\\'")
+    fixed = _fixed_keys(req.spec) | budget_keys(req.method, req.search_budget)
+    probe = _Probe()
+    suggest(probe, req.method, set())
+    if not set(probe.ranges) - fixed:
+        raise UserError(f"nothing to tune: every key searched for {req.method} ({', '.join(sorted(probe.ranges))})"
+                        " is fixed by --set or as a budget key; drop a --set")
+    open_storage(req.storage or default_storage(req.tracking_uri or default_tracking_uri()))  # a bad one: now
+    return fixed
+
+
 @dataclass
 class TrialRow:
     """One trial as the live table shows it."""
@@ -348,11 +379,7 @@ class _Study:
         if self.base.data.val_fraction <= 0:
             raise UserError("tuning needs validation data but data.val_fraction is 0; "
                             "set it, e.g. --set data.val_fraction=0.15")
-        if req.trials < 1:
-            raise UserError(f"bad --trials {req.trials}: must be >= 1")
-        if req.workers < 1:
-            raise UserError(f"bad --workers {req.workers}: must be >= 1")
-        self.fixed = _fixed_keys(req.spec) | budget_keys(req.method, req.search_budget)
+        self.fixed = check_request(req)
         self.name = req.study or f"{req.method}-{req.dataset}-{config_hash(self.base)[:8]}"
         self.storage_url = req.storage or default_storage(self.tracking_uri)
         self.storage = open_storage(self.storage_url)
