@@ -1,9 +1,9 @@
 """Plug-ins: a package installed beside pflbench adds a method and a dataset through entry points.
 
-The test writes a throwaway package (a method, a dataset, and their entry points), builds it
-into a wheel, installs that wheel with pip into a folder of its own (`pip install --target`),
-and runs `bench` in fresh processes with that folder on PYTHONPATH, as an installed package is
-seen: nothing is registered by the test process itself. A second package whose import fails is
+The test writes a throwaway package (README's "Add your own method" example, a dataset, and their
+entry points), builds it into a wheel, installs that wheel with pip into a folder of its own
+(`pip install --target`), and runs `bench` in fresh processes with that folder on PYTHONPATH, as an
+installed package is seen: nothing is registered by the test process itself. A second package whose import fails is
 installed beside it. Each check prints what it ran and what came back.
 """
 
@@ -26,20 +26,33 @@ from conftest import TINY
 PLUGIN = '''\
 """A throwaway pflbench plug-in: one method and one dataset."""
 
+from dataclasses import dataclass
+
 import numpy as np
 from torch import nn
 
-from pflbench.benchmark.config import DatasetConfig
+from pflbench.benchmark.config import DatasetConfig, MethodConfig
 from pflbench.datasets import ImageSet, register_dataset
 from pflbench.methods import Method, register
+
+
+@dataclass
+class HeadNormOptions(MethodConfig):
+    """The `method.*` settings of headnorm (`--set method.norms=false`)."""
+
+    norms: bool = True  # keep every LayerNorm on the client too
 
 
 @register("headnorm")
 class HeadNorm(Method):
     """FedPer with personal norms: the classifier head and every LayerNorm stay on the client."""
 
+    Options = HeadNormOptions
+
     def personal_entries(self, model: nn.Module) -> set[str]:
         head = {f"head.{n}" for n, _ in model.get_classifier().named_parameters()}
+        if not self.options.norms:
+            return head
         norms = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, nn.LayerNorm)
                  for p, _ in mod.named_parameters()}
         return head | norms
@@ -136,6 +149,7 @@ def test_bench_run_trains_the_plugin_method_on_the_plugin_dataset(plugin_env):
     assert (run.data.tags["pflbench.method"], run.data.tags["pflbench.dataset"]) == ("headnorm", "stripes")
     # The method's own split: the head (16 x 4 + 4) and 5 LayerNorms (2 blocks x 2, the final one; 2 x 16 each).
     assert run.data.tags["pflbench.personal_parameters"] == str(16 * 4 + 4 + 5 * 2 * 16)
+    assert run.data.params["method.norms"] == "True"  # its own option, in the recorded config
     assert 0.0 <= run.data.metrics["test_acc_mean"] <= 1.0
 
 
