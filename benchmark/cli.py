@@ -199,7 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .tracking import RunRecorder
 
     tags = dict(args.tags)
-    recorder = RunRecorder(args.tracking_uri, args.experiment or "pflbench", run_name=args.run_name,
+    experiment = "pflbench" if args.experiment is None else args.experiment
+    recorder = RunRecorder(args.tracking_uri, experiment, run_name=args.run_name,
                            extra_tags=tags).prepare()
     return _train(args, cfg, recorder)
 

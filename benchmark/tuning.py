@@ -181,26 +181,28 @@ def default_storage(tracking_uri: str) -> str:
     return f"journal:///{(folder / 'optuna-journal.log').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """A journal file (`journal:///PATH` or a plain path) or an RDB store (postgresql, mysql, sqlite)."""
+def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage | None:
+    """A journal file (`journal:///PATH` or a plain path) or an RDB store (postgresql, mysql, sqlite).
+
+    `create=False` only checks: a journal file that does not exist yet is not made (None).
+    """
     if url.startswith("journal:///") or "://" not in url:
         path = Path(url[len("journal://"):] if url.startswith("journal:///") else url)
         if not path.parent.is_dir():
             raise UserError(f"bad --storage {url!r}: folder {path.parent} does not exist")
         if path.is_dir():
             raise UserError(f"bad --storage {url!r}: {path} is a folder; give a journal file's path")
-        try:
-            storage = JournalStorage(JournalFileBackend(str(path)))
-            storage.get_all_studies()  # reads the whole journal: a file of something else fails here
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise UserError(f"bad --storage {url!r}: not an Optuna journal file ({error_summary(err)})") from None
-        except OSError as err:
-            raise UserError(f"bad --storage {url!r}: {err.strerror}") from None
-        return storage
+        if path.exists():
+            _check_journal(path, url)
+        elif not create:
+            return None
+        return JournalStorage(JournalFileBackend(str(path)))
     scheme = url.split("://", 1)[0].split("+", 1)[0]
     if scheme not in ("postgresql", "mysql", "sqlite"):
         raise UserError(f"unknown storage scheme {scheme!r} in --storage; use postgresql://USER@HOST/DB, "
                         "sqlite:///PATH, or journal:///PATH (the default is a journal file beside the MLflow store)")
+    if scheme == "sqlite" and not create and not Path(url.split(":///", 1)[-1]).exists():
+        return None
     # Workers starting together on a fresh database race to create Optuna's tables: the loser retries.
     for attempt in range(3):
         try:
@@ -214,6 +216,24 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             time.sleep(0.5 + attempt)
     safe = url.split("@")[-1] if "@" in url else url
     raise UserError(f"cannot open study storage {scheme}://...{safe}: {first}") from None
+
+
+def _check_journal(path: Path, url: str) -> None:
+    """Refuse a file that is not an Optuna journal (Optuna itself fails on it only mid-study)."""
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.endswith(b"\n"):
+                    break  # a last entry cut short by a crash: Optuna skips it
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # not JSON, or not UTF-8
+                    entry = None
+                if not isinstance(entry, dict) or "op_code" not in entry:
+                    raise UserError(f"bad --storage {url!r}: not an Optuna journal file (line {number} is not a"
+                                    " journal entry); give another path")
+    except OSError as err:
+        raise UserError(f"bad --storage {url!r}: {err.strerror}") from None
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
@@ -306,7 +326,8 @@ def check_request(req: TuneRequest) -> set[str]:
     if not set(probe.ranges) - fixed:
         raise UserError(f"nothing to tune: every key searched for {req.method} ({', '.join(sorted(probe.ranges))})"
                         " is fixed by --set or as a budget key; drop a --set")
-    open_storage(req.storage or default_storage(req.tracking_uri or default_tracking_uri()))  # a bad one: now
+    # A bad storage is refused now, creating nothing.
+    open_storage(req.storage or default_storage(req.tracking_uri or default_tracking_uri()), create=False)
     return fixed
 
 
