@@ -18,6 +18,7 @@ from typing import Callable, NoReturn, Sequence
 
 from . import console as show
 from .errors import Terminated, TrainingDiverged, UserError
+from .registry import report_plugin_errors
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,6 +70,15 @@ def _check_output_file(path: str, option: str, suffixes: Sequence[str] = ()) -> 
         raise UserError(f"{option} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or target.exists() and not os.access(target, os.W_OK):
         raise UserError(f"{option} {path}: not writable")
+    existed = target.exists()
+    try:  # permissions do not tell everything (root, /proc, a read-only mount): try it
+        with open(target, "ab"):
+            pass
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot write there ({err.strerror})") from None
+    finally:
+        if not existed:
+            target.unlink(missing_ok=True)
     return target
 
 
@@ -95,9 +105,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ..methods import METHODS
     from .config import list_presets
 
+    def origin(registry, name: str) -> str:
+        return f" (plug-in from {registry.plugins[name]})" if name in registry.plugins else ""
+
     show.show_list([
-        ("methods", {n: METHODS.get(n).description() for n in METHODS}),
-        ("datasets", {n: DATASETS.get(n).description for n in DATASETS}),
+        ("methods", {n: METHODS.get(n).description() + origin(METHODS, n) for n in METHODS}),
+        ("datasets", {n: DATASETS.get(n).description + origin(DATASETS, n) for n in DATASETS}),
         ("presets", list_presets()),
         ("partitions", {n: PARTITIONERS.get(n).description for n in PARTITIONERS}),
     ])
@@ -157,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import to_toml
     from .experiment import Recording, run_experiment
     from .resolve import RunSpec
-    from .tracking import ui_command
+    from .tracking import DEFAULT_EXPERIMENT, ui_command
 
     if args.explain and not args.dry_run:
         raise UserError("--explain goes with --dry-run")
@@ -165,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         given = [flag for flag, v in (("--method", args.method), ("--dataset", args.dataset),
                                       ("--preset", args.preset), ("--config", args.config), ("--seed", args.seed),
                                       ("--set", args.overrides), ("--run-name", args.run_name), ("--tag", args.tags),
-                                      ("--dry-run", args.dry_run))
+                                      ("--dry-run", args.dry_run), ("--experiment", args.experiment))
                  if v is not None and v != [] and v is not False]
         if given:
             raise UserError(f"--resume continues the run with its own config; drop {', '.join(given)}")
@@ -193,7 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         done = run_experiment(
             spec, *names, resume=args.resume,
-            recording=Recording(args.tracking_uri, args.experiment, run_name=args.run_name, tags=dict(args.tags)),
+            recording=Recording(args.tracking_uri, args.experiment or DEFAULT_EXPERIMENT, run_name=args.run_name,
+                                tags=dict(args.tags)),
             loader=lambda cfg: _load_images(cfg, args.quiet),
             building=lambda: show.building_status(args.quiet), callbacks=callbacks)
     except TrainingDiverged as err:
@@ -222,6 +236,7 @@ def _add_run(sub) -> None:
     p.add_argument("--dataset", help="dataset name (`bench list`); optional with a --config that names it")
     _add_config_arguments(p)
     _add_tracking_arguments(p)
+    p.set_defaults(experiment=None)  # None = pflbench; with --resume it is refused (the run keeps its own)
     p.add_argument("--run-name", metavar="NAME", help="MLflow run name (default METHOD-DATASET-sSEED)")
     p.add_argument("--tag", dest="tags", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                    help="an extra MLflow tag on the run (repeatable)")
@@ -268,8 +283,11 @@ def cmd_partition(args: argparse.Namespace) -> int:
     show.show_partition(partition, images, label_skew(counts), label_skew(counts.sum(axis=0, keepdims=True)), counts,
                         f"{cfg.dataset.name}: {partition.num_clients} clients, {_scheme(cfg)}")
     if args.plot:
-        path = partition_heatmap_png(counts, images.class_names, args.plot,
-                                     f"{cfg.dataset.name}: {_scheme(cfg)}")
+        try:
+            path = partition_heatmap_png(counts, images.class_names, args.plot,
+                                         f"{cfg.dataset.name}: {_scheme(cfg)}")
+        except OSError as err:
+            raise UserError(f"cannot write {args.plot}: {err.strerror}") from None
         show.print_plain(f"heatmap: {path}")
     if args.save:
         try:
@@ -387,6 +405,8 @@ def cmd_perf_memory(args: argparse.Namespace) -> int:
     from .perf.memory import measure
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UserError("bad --methods: give at least one method name")
     for method in methods:
         METHODS.get(method)  # an unknown name lists the valid ones
     try:
@@ -464,7 +484,7 @@ def _add_perf(sub) -> None:
     t.add_argument("--method", default="fedavg", help="method (default fedavg)")
     t.add_argument("--preset", help="preset (default: the dataset's own)")
     t.add_argument("--parallel", type=int, default=0, help="clients trained together; 0 = a whole round (default)")
-    t.add_argument("--rounds", type=int, default=1, help="timed rounds per side and repeat (default 1)")
+    t.add_argument("--rounds", type=_positive_int, default=1, help="timed rounds per side and repeat (default 1)")
     t.set_defaults(func=cmd_perf_together)
 
     m = perf.add_parser("memory", help="peak memory with few vs many clients, each measured in its own process")
@@ -508,8 +528,9 @@ def _add_perf(sub) -> None:
     g.add_argument("--data-root", metavar="DIR", help="folder holding the CIFAR-10 (JPEG) tree")
     g.add_argument("--folder", default="cifar10-jpeg", help="the image folder below --data-root (default cifar10-jpeg)")
     g.add_argument("--device", default="auto", help="auto (default), cuda or cpu")
-    g.add_argument("--repeats", type=int, default=2, help="alternating repeats of each comparison (default 2)")
-    g.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    g.add_argument("--repeats", type=_positive_int, default=2,
+                   help="alternating repeats of each comparison (default 2)")
+    g.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
     g.add_argument("--tiny", action="store_true", help="a digits-sized model on the bundled digits, on the CPU:"
                                                          " checks the whole script in seconds")
     g.set_defaults(func=cmd_perf_gpu)
@@ -520,11 +541,12 @@ def _add_perf(sub) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from .tracking import default_tracking_uri, list_runs, mark_killed
+    from .tracking import default_tracking_uri, list_runs, mark_killed, require_store
 
     if args.mark_killed and not args.stale:
         raise UserError("--mark-killed goes with --stale")
     uri = args.tracking_uri or default_tracking_uri()
+    require_store(uri)  # reading (or closing runs in) a store: a mistyped path is not created
     runs = list_runs(uri, stale=args.stale, limit=args.limit)
     show.show_runs(runs, stale=args.stale)
     if args.mark_killed and runs:
@@ -553,7 +575,7 @@ def _add_runs(sub) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .console_study import TrialsLive, tune_summary
-    from .tuning import TuneRequest, budget_keys, run_tune
+    from .tuning import TuneRequest, budget_keys, check_request, run_tune
 
     budget_keys(args.method, args.search_budget)  # a bad --search-budget is refused before any work
 
@@ -561,6 +583,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                       pruner=args.pruner, timeout=args.timeout, workers=args.workers,
                       search_budget=tuple(args.search_budget), tracking_uri=args.tracking_uri,
                       experiment=args.experiment)
+    check_request(req)  # before the live table starts
     if args.quiet:
         result = run_tune(req)
     else:
@@ -591,7 +614,7 @@ def _add_tune(sub) -> None:
                         " default: a journal file beside the MLflow store")
     p.add_argument("--study", metavar="NAME", help="study name (default: METHOD-DATASET-<config hash>)")
     p.add_argument("--pruner", choices=PRUNERS, default="median", help="stop bad trials early (default median)")
-    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--timeout", type=_positive_float, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes on this machine (default 1)")
     p.add_argument("--search-budget", action="append", default=[], metavar="KEY",
                    help="search a budget key all the same (e.g. train.local_epochs); repeatable."
@@ -712,8 +735,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from ..leaderboard import evidence
     from .console_study import leaderboard_summary
     from .records import Stage
-    from .tracking import DEFAULT_EXPERIMENT
+    from .tracking import DEFAULT_EXPERIMENT, default_tracking_uri, require_store
 
+    if not args.out.strip():
+        raise UserError("--out is empty; give the folder to write the leaderboard to")
+    _check_output_dir(args.out, "--out")
     if args.source:  # the evidence file alone: no store is read
         given = [flag for flag, value in (("--tracking-uri", args.tracking_uri), ("--experiment", args.experiment),
                                           ("--stage", args.stage)) if value is not None]
@@ -723,6 +749,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         board, _ = evidence.publish(text, args.out, budget=args.budget,
                                     pending=False if args.no_pending else None)
     else:
+        require_store(args.tracking_uri or default_tracking_uri())  # reading only: a mistyped path is not created
         experiment, stage = args.experiment or DEFAULT_EXPERIMENT, args.stage or Stage.FINAL
         records = evidence.store_records(args.tracking_uri, experiment, stage)
         text = evidence.dumps(evidence.header(experiment, stage, args.budget or "", not args.no_pending), records)
@@ -779,6 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .experiment import sigterm_as_interrupt
 
     # SIGTERM (kill, timeout, Slurm, docker stop) takes Ctrl-C's path: the run ends KILLED, its records kept.
+    report_plugin_errors(show.print_warning)  # a broken plug-in: one line, and the rest keep working
     try:
         with sigterm_as_interrupt():
             args = build_parser().parse_args(argv)

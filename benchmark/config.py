@@ -197,9 +197,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text (TOML files are UTF-8)") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
 
 
 def names_in_config_file(path: str | Path) -> tuple[str | None, str | None]:

@@ -134,6 +134,11 @@ def print_error(message: str) -> None:
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def print_warning(message: str) -> None:
+    """Something skipped that the user should know of (a plug-in that failed to load): one line on stderr."""
+    err_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 def print_plain(text: str, **kwargs: Any) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True, **kwargs)
 

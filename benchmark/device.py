@@ -12,6 +12,8 @@ from typing import Mapping
 
 import torch
 
+from .errors import UserError
+
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic (PyTorch's reproducibility notes)
 
 
@@ -37,6 +39,21 @@ def worker_devices(workers: int, environ: Mapping[str, str] | None = None,
     if not entries:
         return None
     return [entries[i % len(entries)] for i in range(workers)]
+
+
+def check_workers(workers: int, option: str = "--workers", cpu_count: int | None = None,
+                  device_count: int | None = None) -> None:
+    """Refuse a worker count this machine cannot run: each worker is a process that needs a CPU core
+    (or, with GPUs, its own GPU); at most max(CPU cores, GPUs)."""
+    cpus = (os.cpu_count() or 1) if cpu_count is None else cpu_count
+    if device_count is None:
+        device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cap = max(cpus, device_count)
+    if workers < 1:
+        raise UserError(f"bad {option} {workers}: must be >= 1")
+    if workers > cap:
+        what = f"{cpus} CPU cores" + (f", {device_count} GPUs" if device_count else "")
+        raise UserError(f"bad {option} {workers}: this machine runs at most {cap} worker processes ({what})")
 
 
 def capability(device: torch.device) -> tuple[int, int] | None:

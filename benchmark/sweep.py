@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from ..methods import METHODS
 from .config import config_hash
-from .device import worker_devices
+from .device import check_workers, worker_devices
 from .errors import TrainingDiverged, UserError, error_summary
 from .records import Artifact, Stage, Tag
 from .resolve import RunSpec
@@ -89,6 +89,15 @@ def _list(value: Any, key: str, kind: type) -> list:
     return value
 
 
+def _nonempty(values: list, key: str) -> list:
+    if not values:
+        raise UserError(f"suite key {key!r} is empty: nothing would run; list at least one")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise UserError(f"suite key {key!r} lists {twice[0]!r} twice")
+    return values
+
+
 def _best_config(tracking_uri: str, experiment: str, study: str, folder: Path) -> tuple[str, str]:
     """The `best_config.toml` of a tuning study's parent run, saved under `folder`: its path and that run's id."""
     parents = [r for r in find_runs(tracking_uri, experiment, stage=Stage.TUNE, status=None,
@@ -115,21 +124,31 @@ def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_f
     if not path.is_file():
         raise UserError(f"suite file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"suite file {path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"suite file {path} is not UTF-8 text (TOML files are UTF-8)") from None
+    except OSError as err:
+        raise UserError(f"cannot read suite file {path}: {err.strerror}") from None
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise UserError(f"unknown suite key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_TOP_KEYS))}")
-    seeds = _list(data.get("seeds", list(DEFAULT_SEEDS)), "seeds", int)
-    methods = _list(data.get("methods", METHODS.names()), "methods", str)
+    seeds = _nonempty(_list(data.get("seeds", list(DEFAULT_SEEDS)), "seeds", int), "seeds")
+    methods = _nonempty(_list(data.get("methods", METHODS.names()), "methods", str), "methods")
+    for key in ("experiment", "tune_experiment"):
+        if not isinstance(data.get(key, ""), str):
+            raise UserError(f"suite key {key!r} must be a string (an MLflow experiment name)")
     runs = data.get("run", [])
     if not isinstance(runs, list) or not runs:
         raise UserError(f"suite file {path} has no [[run]] table (one per dataset setting)")
+    seen: dict[tuple[str, str, str, int], str] = {}  # (method, dataset, config hash, seed) -> where it is
     suite = Suite(path, data.get("experiment"))
     tune_experiment = str(data.get("tune_experiment", suite.experiment or experiment))
     for i, run in enumerate(runs):
         where = f"[[run]] #{i + 1}"
+        if not isinstance(run, dict):
+            raise UserError(f"{where} is {run!r}, not a table; write each as [[run]] with dataset = ...")
         unknown = set(run) - _RUN_KEYS
         if unknown:
             raise UserError(f"unknown key {sorted(unknown)[0]!r} in {where}; allowed: {', '.join(sorted(_RUN_KEYS))}")
@@ -137,7 +156,7 @@ def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_f
             raise UserError(f"{where} names no dataset")
         dataset = str(run["dataset"])
         overrides = tuple(_list(run.get("overrides", []), "overrides", str))
-        for method in _list(run.get("methods", methods), "methods", str):
+        for method in _nonempty(_list(run.get("methods", methods), "methods", str), "methods"):
             registered = method in METHODS.names()
             if not (registered or allow_unregistered):
                 METHODS.get(method)  # an unknown name lists the valid ones
@@ -151,6 +170,11 @@ def load_suite(path: str | Path, *, tracking_uri: str, experiment: str, config_f
                 spec = RunSpec(preset=run.get("preset"), config_file=config_file, overrides=overrides, seed=seed,
                                data_root=run.get("data_root", data_root))
                 cfg = spec.resolve(method if registered else "fedavg", dataset)
+                key = (method, dataset, config_hash(cfg), seed)
+                if key in seen:  # the same run twice would be recorded twice and counted twice
+                    raise UserError(f"{where} repeats {seen[key]}: {method} on {dataset}, seed {seed}, the same"
+                                    " settings; remove one")
+                seen[key] = where
                 suite.items.append(SweepItem(method, dataset, seed, spec, config_hash(cfg), registered=registered,
                                              tags=tags))
     return suite
@@ -233,8 +257,7 @@ def run_sweep(
     """
     from .claims import HEARTBEAT_TIMEOUT, failed, heartbeat_interval
 
-    if workers < 1:
-        raise UserError(f"bad --workers {workers}: must be >= 1")
+    check_workers(workers)
     timeout = HEARTBEAT_TIMEOUT if heartbeat_timeout is None else heartbeat_timeout
     if not timeout > 0:
         raise UserError(f"bad --heartbeat-timeout {timeout}: must be > 0 seconds")

@@ -72,9 +72,13 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's own page in the MLflow UI (`ui_command`'s default address for a local store)."""
+    """The run's own page in the MLflow UI (`ui_command`'s default address for a local store).
+
+    MLflow 3.17's UI picks its view from its workflow switch (this parameter, else the browser's
+    last choice, else GenAI), not from the experiment's kind tag: the link asks for model training.
+    """
     base = tracking_uri.rstrip("/") if _is_http(tracking_uri) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _is_http(uri: str) -> bool:
@@ -125,6 +129,15 @@ def check_tracking_uri(tracking_uri: str) -> None:
         writable = os.access(db, os.W_OK) if db.exists() else os.access(folder, os.W_OK)
         if not writable:
             raise UserError(f"tracking store {db if db.exists() else folder} is read-only")
+
+
+def require_store(tracking_uri: str) -> None:
+    """For a command that only reads a store: refuse an SQLite store that does not exist yet
+    (a mistyped path), instead of creating an empty one."""
+    check_tracking_uri(tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.exists():
+        raise UserError(f"no MLflow store at {db} (nothing was recorded there); check --tracking-uri")
 
 
 def check_experiment_name(name: str) -> None:
@@ -270,12 +283,20 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces, prompts, "Evaluation runs") unless this
+# experiment tag says it holds model training; every experiment pflbench creates or uses carries it.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise UserError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore"
                             f" --experiment-id {found.experiment_id}) or choose another --experiment")
+        for key, value in EXPERIMENT_KIND.items():
+            if found.tags.get(key) != value:  # made by an older pflbench, by hand, or inferred by the UI
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
@@ -283,7 +304,7 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
         db = Path(tracking_uri[len("sqlite:///"):])
         artifact_location = (db.parent / "mlruns").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
     except MlflowException:
         # Another worker created it between our lookup and our create.
         found = client.get_experiment_by_name(name)
@@ -833,6 +854,6 @@ __all__ = [
     "Heartbeat", "create_claim_run", "delete_run", "delete_run_tag", "hold_run", "holder_alive", "run_tags", "set_run_tags",
     "METRIC_NAMES", "ParentRun", "RecordedRun", "ResumableRun", "RunRecord", "RunRecorder", "check_tracking_uri",
     "default_tracking_uri", "ensure_experiment", "experiment_exists", "find_runs", "get_run_record", "list_runs",
-    "mark_killed", "metric_histories", "open_store", "read_text_artifact", "resumable_run", "run_url", "search_runs",
+    "mark_killed", "metric_histories", "open_store", "read_text_artifact", "require_store", "resumable_run", "run_url", "search_runs",
     "ui_command",
 ]

@@ -47,7 +47,7 @@ from optuna.trial import TrialState
 from ..datasets import DATASETS
 from ..methods import METHODS
 from .config import RunConfig, config_hash, to_toml
-from .device import worker_devices
+from .device import check_workers, worker_devices
 from .engine import Callback
 from .errors import RunStopped, TrainingDiverged, UserError, error_summary
 from .resolve import RunSpec
@@ -183,17 +183,28 @@ def default_storage(tracking_uri: str) -> str:
     return f"journal:///{(folder / 'optuna-journal.log').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """A journal file (`journal:///PATH` or a plain path) or an RDB store (postgresql, mysql, sqlite)."""
+def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage | None:
+    """A journal file (`journal:///PATH` or a plain path) or an RDB store (postgresql, mysql, sqlite).
+
+    `create=False` only checks: a journal file that does not exist yet is not made (None).
+    """
     if url.startswith("journal:///") or "://" not in url:
         path = Path(url[len("journal://"):] if url.startswith("journal:///") else url)
         if not path.parent.is_dir():
             raise UserError(f"bad --storage {url!r}: folder {path.parent} does not exist")
+        if path.is_dir():
+            raise UserError(f"bad --storage {url!r}: {path} is a folder; give a journal file's path")
+        if path.exists():
+            _check_journal(path, url)
+        elif not create:
+            return None
         return JournalStorage(JournalFileBackend(str(path)))
     scheme = url.split("://", 1)[0].split("+", 1)[0]
     if scheme not in ("postgresql", "mysql", "sqlite"):
         raise UserError(f"unknown storage scheme {scheme!r} in --storage; use postgresql://USER@HOST/DB, "
                         "sqlite:///PATH, or journal:///PATH (the default is a journal file beside the MLflow store)")
+    if scheme == "sqlite" and not create and not Path(url.split(":///", 1)[-1]).exists():
+        return None
     # Workers starting together on a fresh database race to create Optuna's tables: the loser retries.
     for attempt in range(3):
         try:
@@ -207,6 +218,24 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             time.sleep(0.5 + attempt)
     safe = url.split("@")[-1] if "@" in url else url
     raise UserError(f"cannot open study storage {scheme}://...{safe}: {first}") from None
+
+
+def _check_journal(path: Path, url: str) -> None:
+    """Refuse a file that is not an Optuna journal (Optuna itself fails on it only mid-study)."""
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.endswith(b"\n"):
+                    break  # a last entry cut short by a crash: Optuna skips it
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # not JSON, or not UTF-8
+                    entry = None
+                if not isinstance(entry, dict) or "op_code" not in entry:
+                    raise UserError(f"bad --storage {url!r}: not an Optuna journal file (line {number} is not a"
+                                    " journal entry); give another path")
+    except OSError as err:
+        raise UserError(f"bad --storage {url!r}: {err.strerror}") from None
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
@@ -281,6 +310,29 @@ class TuneRequest:
         return cls(**{**data, "spec": RunSpec(**data["spec"]), "search_budget": tuple(data["search_budget"])})
 
 
+def check_request(req: TuneRequest) -> set[str]:
+    """Refuse a request that cannot run or would do nothing useful, before any work; the fixed keys."""
+    if req.trials < 1:
+        raise UserError(f"bad --trials {req.trials}: must be >= 1")
+    check_workers(req.workers)
+    if req.timeout is not None and not (math.isfinite(req.timeout) and req.timeout > 0):
+        raise UserError(f"bad --timeout {req.timeout}: must be a finite number of seconds > 0")
+    if req.study is not None:
+        name = req.study
+        if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise UserError(f"bad --study {name!r}: it names a file (NAME.best_config.toml), so it cannot be"
+                            " empty or hold '/' or '\\'")
+    fixed = _fixed_keys(req.spec) | budget_keys(req.method, req.search_budget)
+    probe = _Probe()
+    suggest(probe, req.method, set())
+    if not set(probe.ranges) - fixed:
+        raise UserError(f"nothing to tune: every key searched for {req.method} ({', '.join(sorted(probe.ranges))})"
+                        " is fixed by --set or as a budget key; drop a --set")
+    # A bad storage is refused now, creating nothing.
+    open_storage(req.storage or default_storage(req.tracking_uri or default_tracking_uri()), create=False)
+    return fixed
+
+
 @dataclass
 class TrialRow:
     """One trial as the live table shows it."""
@@ -350,11 +402,7 @@ class _Study:
         if self.base.data.val_fraction <= 0:
             raise UserError("tuning needs validation data but data.val_fraction is 0; "
                             "set it, e.g. --set data.val_fraction=0.15")
-        if req.trials < 1:
-            raise UserError(f"bad --trials {req.trials}: must be >= 1")
-        if req.workers < 1:
-            raise UserError(f"bad --workers {req.workers}: must be >= 1")
-        self.fixed = _fixed_keys(req.spec) | budget_keys(req.method, req.search_budget)
+        self.fixed = check_request(req)
         self.name = req.study or f"{req.method}-{req.dataset}-{config_hash(self.base)[:8]}"
         self.storage_url = req.storage or default_storage(self.tracking_uri)
         self.storage = open_storage(self.storage_url)

@@ -68,7 +68,14 @@ class DatasetEntry:
     num_classes: int = 0  # classes of the published dataset; 0 = unknown
 
 
-DATASETS: Registry[DatasetEntry] = Registry("dataset")
+def _adopt_dataset(name: str, obj: object) -> None:
+    """A plug-in's entry point naming a DatasetEntry it did not register: register it under its own name."""
+    if isinstance(obj, DatasetEntry) and obj.name == name:
+        DATASETS.add(name, obj)
+
+
+# Installed packages add datasets through the entry-point group `pflbench.datasets`.
+DATASETS: Registry[DatasetEntry] = Registry("dataset", group="pflbench.datasets", adopt=_adopt_dataset)
 
 
 def register_dataset(

@@ -188,7 +188,8 @@ class Method:
     @classmethod
     def description(cls) -> str:
         """The first line of the class docstring: shown by `bench list`."""
-        return (cls.__doc__ or "").strip().splitlines()[0]
+        lines = (cls.__doc__ or "").strip().splitlines()
+        return lines[0] if lines else ""  # a plug-in without a docstring is listed all the same
 
     # -- 0. the model -------------------------------------------------------
     def adapt_model(self, model: nn.Module) -> nn.Module:
@@ -334,7 +335,14 @@ def _restore_tensors(current: Mapping[str, torch.Tensor], saved: Mapping[str, to
     return out
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+def _adopt_method(name: str, obj: object) -> None:
+    """A plug-in's entry point naming a Method subclass it did not register: register it under that name."""
+    if isinstance(obj, type) and issubclass(obj, Method):
+        register(name)(obj)
+
+
+# Installed packages add methods through the entry-point group `pflbench.methods` (README: Add your own method).
+METHODS: Registry[type[Method]] = Registry("method", group="pflbench.methods", adopt=_adopt_method)
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:

@@ -8,21 +8,10 @@ import shutil
 import pytest
 import torch
 
-from pflbench.benchmark.resolve import resolve_config
+from pflbench.benchmark.testing import TINY, tiny_config  # noqa: F401  (the tests' tiny runs, shared with plug-ins)
 
 # Tiny models gain nothing from threads, and one thread per test process keeps timings stable.
 torch.set_num_threads(1)
-
-# A digits-sized ViT: a 2-round run takes about a second on a CPU.
-TINY = [
-    "model.patch_size=4", "model.embed_dim=16", "model.depth=2", "model.num_heads=2",
-    "data.num_clients=4", "data.min_samples=20", "train.rounds=2", "train.batch_size=32",
-]
-
-
-def tiny_config(method: str = "fedavg", *overrides: str, dataset: str = "digits", seed: int = 0):
-    """A resolved smoke config for `method`, with extra `key=value` overrides."""
-    return resolve_config(method, dataset, preset="smoke", overrides=[*TINY, *overrides], seed=seed, device="cpu")
 
 
 def recorded_updates(sim) -> list[list]:

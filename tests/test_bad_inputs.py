@@ -110,6 +110,11 @@ def empty_experiment(tmp: Path, monkeypatch) -> None:
     ensure_experiment(f"sqlite:///{tmp / 'mlflow.db'}", "pflbench")
 
 
+LATIN1 = "[train]\nlr = 0.1  # taux d'apprentissage élevé\n".encode("latin-1")  # not UTF-8
+SUITE_RUN = '[[run]]\ndataset = "digits"\npreset = "smoke"\n'
+SUITE = 'seeds = [0]\nmethods = ["fedavg"]\n' + SUITE_RUN
+
+
 def item(index, value):
     def change(data):
         data["train"][0][index] = value
@@ -310,6 +315,82 @@ CASES: list[tuple[str, list[str], str, Setup | None]] = [
     ("sweep-not-toml", ["sweep", "{tmp}/s.toml"], "not valid TOML", suite_file("[[run]\n")),
     ("sweep-zero-workers", ["sweep", "{tmp}/s.toml", "--workers", "0"], "--workers",
      suite_file('methods = ["fedavg"]\n[[run]]\ndataset = "digits"\n')),
+    # files that are not UTF-8, values where tables belong
+    ("run-config-not-utf8", [*RUN, "--config", "{tmp}/c.toml"], "not UTF-8 text", file_at("c.toml", LATIN1)),
+    ("run-config-names-not-utf8", ["run", "--config", "{tmp}/c.toml"], "not UTF-8 text", file_at("c.toml", LATIN1)),
+    ("run-config-is-a-folder", [*RUN, "--config", "{tmp}/conf"], "config file not found", folder_at("conf")),
+    ("run-config-name-a-table", ["run", "--config", "{tmp}/c.toml"], "method.name",
+     config_file("[method]\nname = { a = 1 }\n")),
+    ("run-config-value-for-a-section", [*RUN, "--config", "{tmp}/c.toml"], "is a section", config_file("train = 3\n")),
+    ("sweep-not-utf8", ["sweep", "{tmp}/s.toml"], "not UTF-8 text", file_at("s.toml", LATIN1)),
+    ("plan-not-utf8", ["plan", "{tmp}/s.toml"], "not UTF-8 text", file_at("s.toml", LATIN1)),
+    ("sweep-run-not-a-table", ["sweep", "{tmp}/s.toml"], "[[run]] #1 is 1, not a table", suite_file("run = [1, 2]\n")),
+    ("sweep-experiment-not-a-string", ["sweep", "{tmp}/s.toml"], "'experiment' must be a string",
+     suite_file('experiment = 3\n[[run]]\ndataset = "digits"\n')),
+    ("sweep-methods-a-table", ["sweep", "{tmp}/s.toml"], "'methods' must be a list",
+     suite_file('[methods]\na = 1\n[[run]]\ndataset = "digits"\n')),
+    # silent no-ops and duplicates in suites
+    ("sweep-seeds-empty", ["sweep", "{tmp}/s.toml"], "'seeds' is empty", suite_file(SUITE.replace("[0]", "[]"))),
+    ("sweep-methods-empty", ["sweep", "{tmp}/s.toml"], "'methods' is empty",
+     suite_file(SUITE.replace('["fedavg"]', "[]"))),
+    ("sweep-run-methods-empty", ["sweep", "{tmp}/s.toml"], "'methods' is empty",
+     suite_file(SUITE + "methods = []\n")),
+    ("sweep-seed-twice", ["sweep", "{tmp}/s.toml"], "'seeds' lists 0 twice", suite_file(SUITE.replace("[0]", "[0, 0]"))),
+    ("sweep-method-twice", ["sweep", "{tmp}/s.toml"], "'methods' lists 'fedavg' twice",
+     suite_file(SUITE.replace('["fedavg"]', '["fedavg", "fedavg"]'))),
+    ("sweep-identical-runs", ["sweep", "{tmp}/s.toml"], "[[run]] #2 repeats [[run]] #1", suite_file(SUITE + SUITE_RUN)),
+    ("sweep-runs-identical-once-resolved", ["sweep", "{tmp}/s.toml"], "[[run]] #2 repeats [[run]] #1",
+     suite_file(SUITE + SUITE_RUN + 'overrides = ["train.rounds=2"]\n')),  # smoke's own value: the same run
+    ("plan-identical-runs", ["plan", "{tmp}/s.toml"], "[[run]] #2 repeats [[run]] #1", suite_file(SUITE + SUITE_RUN)),
+    # worker counts and other counts
+    ("tune-workers-past-the-machine", [*TUNE, "--workers", "100000"], "this machine runs at most", None),
+    ("sweep-workers-past-the-machine", ["sweep", "{tmp}/s.toml", "--workers", "100000"], "this machine runs at most",
+     suite_file(SUITE)),
+    ("sweep-negative-workers", ["sweep", "{tmp}/s.toml", "--workers", "-2"], "--workers", suite_file(SUITE)),
+    ("tune-timeout-negative", [*TUNE, "--timeout", "-1"], "--timeout", None),
+    ("tune-timeout-nan", [*TUNE, "--timeout", "nan"], "--timeout", None),
+    ("tune-timeout-zero", [*TUNE, "--timeout", "0"], "--timeout", None),
+    ("perf-together-zero-rounds", ["perf", "together", "--rounds", "0"], "--rounds", None),
+    ("perf-together-negative-parallel", ["perf", "together", "--parallel", "-1"], "train.parallel_clients", None),
+    ("perf-gpu-zero-repeats", ["perf", "gpu", "--tiny", "--repeats", "0"], "--repeats", None),
+    ("perf-gpu-zero-threads", ["perf", "gpu", "--tiny", "--threads", "0"], "--threads", None),
+    ("perf-memory-no-methods", ["perf", "memory", "--methods", ""], "give at least one method", None),
+    ("perf-memory-only-commas", ["perf", "memory", "--methods", ",,"], "give at least one method", None),
+    ("perf-flops-only-commas", ["perf", "flops", "--methods", ","], "give at least one method", None),
+    # tuning: nothing to search, storages, names used as paths
+    ("tune-every-searched-key-fixed", [*TUNE, *[a for k in ("lr=0.1", "momentum=0", "weight_decay=0", "batch_size=32")
+                                              for a in ("--set", f"train.{k}")]], "nothing to tune", None),
+    ("tune-storage-a-folder", [*TUNE, "--storage", "{tmp}/journal"], "is a folder", folder_at("journal")),
+    ("tune-storage-journal-a-folder", [*TUNE, "--storage", "journal:///{tmp}/journal"], "is a folder",
+     folder_at("journal")),
+    ("tune-storage-garbage", [*TUNE, "--storage", "{tmp}/j.log"], "not an Optuna journal file",
+     file_at("j.log", b"\x00\x01 not a journal\n{{{\n")),
+    ("tune-storage-text-garbage", [*TUNE, "--storage", "journal:///{tmp}/j.log"], "not an Optuna journal file",
+     file_at("j.log", b"hello\n")),
+    ("tune-storage-folder-missing", [*TUNE, "--storage", "{tmp}/nope/j.log"], "does not exist", None),
+    ("tune-study-with-slash", [*TUNE, "--study", "a/b"], "bad --study 'a/b'", None),
+    ("tune-study-with-backslash", [*TUNE, "--study", "a\\b"], "bad --study", None),
+    ("tune-study-dot-dot", [*TUNE, "--study", ".."], "bad --study", None),
+    ("tune-study-blank", [*TUNE, "--study", " "], "bad --study", None),
+    # output paths
+    ("partition-plot-unwritable", [*PARTITION, "--plot", "/proc/skew.png"], "cannot write there", None),
+    ("partition-save-unwritable", [*PARTITION, "--save", "/proc/p.json"], "cannot write there", None),
+    ("leaderboard-out-empty", ["leaderboard", "--out", ""], "--out is empty", empty_experiment),
+    ("leaderboard-out-blank", ["leaderboard", "--out", "  "], "--out is empty", empty_experiment),
+    ("leaderboard-out-is-a-file", ["leaderboard", "--out", "{tmp}/taken"], "is a file, not a folder",
+     file_at("taken")),
+    # flags that would be ignored
+    ("run-resume-with-experiment", ["run", "--resume", "0" * 32, "--experiment", "other"], "drop --experiment", None),
+    ("run-resume-with-default-experiment", ["run", "--resume", "0" * 32, "--experiment", "pflbench"],
+     "drop --experiment", None),
+    # read-only commands on a mistyped store create nothing
+    ("runs-stale-store-missing", ["runs", "--stale", "--tracking-uri", "sqlite:///{tmp}/typo.db"], "no MLflow store",
+     None),
+    ("runs-store-missing", ["runs", "--tracking-uri", "sqlite:///{tmp}/typo.db"], "no MLflow store", None),
+    ("runs-mark-killed-store-missing", ["runs", "--stale", "--mark-killed", "--tracking-uri",
+                                       "sqlite:///{tmp}/typo.db"], "no MLflow store", None),
+    ("leaderboard-store-missing", ["leaderboard", "--out", "{tmp}/b", "--tracking-uri", "sqlite:///{tmp}/typo.db"],
+     "no MLflow store", None),
     # bench leaderboard
     ("leaderboard-no-experiment", ["leaderboard", "--out", "{tmp}/b", "--experiment", "nope"],
      "no MLflow experiment 'nope'", None),

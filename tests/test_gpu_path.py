@@ -483,3 +483,18 @@ def test_the_perf_benchmarks_run_one_untimed_round_first(monkeypatch):
     rounds.clear()
     overhead.measure(RunSpec(overrides=tiny, device="cpu"), clients=2, rounds=1, repeats=1)
     assert len(rounds) == 2  # the engine side: warm-up, then the timed round
+
+
+def test_worker_counts_are_capped_at_what_the_machine_runs_and_the_cap_is_stated():
+    from pflbench.benchmark.device import check_workers
+    from pflbench.benchmark.errors import UserError
+
+    check_workers(8, cpu_count=8, device_count=0)
+    check_workers(8, cpu_count=2, device_count=8)  # one GPU each: more workers than cores
+    with pytest.raises(UserError, match=r"bad --workers 9: this machine runs at most 8 worker processes"
+                                        r" \(2 CPU cores, 8 GPUs\)"):
+        check_workers(9, cpu_count=2, device_count=8)
+    with pytest.raises(UserError, match=r"at most 2 worker processes \(2 CPU cores\)$"):
+        check_workers(100000, cpu_count=2, device_count=0)
+    with pytest.raises(UserError, match="must be >= 1"):
+        check_workers(0, cpu_count=2, device_count=0)

@@ -123,11 +123,25 @@ def test_a_run_records_its_dataset_input_process_and_name_and_tags(tracking_uri,
     beside = Path(sys.executable).parent / "mlflow"
     program = beside if beside.exists() else f"{sys.executable} -m mlflow"
     assert f"{program} ui --backend-store-uri {tracking_uri}" in out
-    assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in out
+    assert (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            "?workflowType=machine_learning") in out
 
 
 def test_run_url_and_ui_command_for_a_server():
     from pflbench.benchmark.tracking import run_url, ui_command
 
-    assert run_url("http://host:5000/", "3", "abc") == "http://host:5000/#/experiments/3/runs/abc"
+    assert run_url("http://host:5000/", "3", "abc") == \
+        "http://host:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     assert ui_command("https://host") == "open https://host"
+
+
+def test_every_experiment_pflbench_creates_or_uses_is_tagged_as_model_training(tracking_uri):
+    from pflbench.benchmark.tracking import ensure_experiment
+
+    client = MlflowClient(tracking_uri)
+    before = client.create_experiment("made-elsewhere")  # untagged, as by hand or an older pflbench
+    client.create_experiment("chosen-as-genai", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("new", "made-elsewhere", "chosen-as-genai"):
+        exp_id = ensure_experiment(tracking_uri, name)
+        assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development", name
+    assert ensure_experiment(tracking_uri, "made-elsewhere") == before
