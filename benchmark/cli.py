@@ -206,8 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         done = run_experiment(
             spec, *names, resume=args.resume,
-            recording=Recording(args.tracking_uri, args.experiment or DEFAULT_EXPERIMENT, run_name=args.run_name,
-                                tags=dict(args.tags)),
+            recording=Recording(args.tracking_uri, DEFAULT_EXPERIMENT if args.experiment is None else args.experiment,
+                                run_name=args.run_name, tags=dict(args.tags)),
             loader=lambda cfg: _load_images(cfg, args.quiet),
             building=lambda: show.building_status(args.quiet), callbacks=callbacks)
     except TrainingDiverged as err:
@@ -750,7 +750,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                                     pending=False if args.no_pending else None)
     else:
         require_store(args.tracking_uri or default_tracking_uri())  # reading only: a mistyped path is not created
-        experiment, stage = args.experiment or DEFAULT_EXPERIMENT, args.stage or Stage.FINAL
+        experiment = DEFAULT_EXPERIMENT if args.experiment is None else args.experiment
+        stage = Stage.FINAL if args.stage is None else args.stage
         records = evidence.store_records(args.tracking_uri, experiment, stage)
         text = evidence.dumps(evidence.header(experiment, stage, args.budget or "", not args.no_pending), records)
         board, _ = evidence.publish(text, args.out)
